@@ -1,0 +1,135 @@
+"""Concept store on SQLite and on a real PostgreSQL server: users, keys, concepts,
+isolation, image garbage collection, persistence and schema migrations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from repic_ray.serving.store import (
+    SCHEMA_VERSION,
+    ConceptStore,
+    StoreConfig,
+    StoreError,
+    migrate,
+    normalize_url,
+    schema_version,
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def config(request, tmp_path) -> StoreConfig:
+    if request.param == "sqlite":
+        return StoreConfig(root=str(tmp_path / "store"))
+    url = request.getfixturevalue("fresh_postgres_url")
+    return StoreConfig(root=str(tmp_path / "store"), database_url=url)
+
+
+def test_keys_are_stored_hashed_and_authenticate(config):
+    store = ConceptStore(config)
+    alice = store.create_user("alice")
+    key = store.create_api_key("alice")
+    assert store.authenticate(key) == alice
+    assert store.authenticate(key + "x") is None
+    assert store.authenticate("") is None
+    with store.engine.connect() as conn:
+        stored = [r[0] for r in conn.execute(sa.text("SELECT key_hash FROM api_keys"))]
+    assert stored == [hashlib.sha256(key.encode()).hexdigest()]
+    assert key not in json.dumps(stored)
+    assert store.revoke_api_key(key)
+    assert store.authenticate(key) is None
+    with pytest.raises(StoreError, match="already exists"):
+        store.create_user("alice")
+    with pytest.raises(StoreError, match="no user named 'bob'"):
+        store.create_api_key("bob")
+
+
+def test_concepts_are_isolated_per_user(config):
+    store = ConceptStore(config)
+    alice, bob = store.create_user("alice"), store.create_user("bob")
+    store.add_concept(alice.id, "Bo", "dog", "a corgi", [b"img-a1", b"img-a2"])
+    # Bob may use the same concept name: names are unique per user only.
+    store.add_concept(bob.id, "Bo", "cat", "a tabby", [b"img-b"])
+    assert [c.category for c in store.list_concepts(alice.id)] == ["dog"]
+    assert store.get_concept(bob.id, "Bo").info == "a tabby"
+    assert store.concept_image(alice.id, "Bo", 1) == b"img-a2"
+    assert store.concept_image(bob.id, "Bo", 1) is None  # bob's Bo has one image
+    assert store.concept_image(bob.id, "Bo", 0) == b"img-b"
+    assert store.delete_concept(bob.id, "Bo")
+    assert store.get_concept(alice.id, "Bo") is not None
+    assert not store.delete_concept(bob.id, "Bo")
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_concept(alice.id, "Bo", "dog", "", [b"x"])
+
+
+def test_images_are_content_addressed_and_collected(config):
+    store = ConceptStore(config)
+    alice, bob = store.create_user("alice"), store.create_user("bob")
+    a = store.add_concept(alice.id, "Bo", "dog", "", [b"shared", b"only-alice"])
+    b = store.add_concept(bob.id, "Mo", "dog", "", [b"shared"])
+    sha_shared = hashlib.sha256(b"shared").hexdigest()
+    assert a.image_sha256[0] == b.image_sha256[0] == sha_shared
+    assert store.images.path(sha_shared).read_bytes() == b"shared"
+    store.delete_concept(alice.id, "Bo")
+    # The file bob still uses stays; alice's own file is gone.
+    assert store.images.exists(sha_shared)
+    assert not store.images.exists(a.image_sha256[1])
+    store.delete_concept(bob.id, "Mo")
+    assert not store.images.exists(sha_shared)
+
+
+def test_data_survives_reopening(config):
+    store = ConceptStore(config)
+    user = store.create_user("alice")
+    key = store.create_api_key("alice")
+    store.add_concept(user.id, "Bo", "dog", "a corgi", [b"png-bytes"])
+    store.close()
+    reopened = ConceptStore(config)
+    assert reopened.authenticate(key) == user
+    [bo] = reopened.list_concepts(user.id)
+    assert (bo.name, bo.info) == ("Bo", "a corgi")
+    assert reopened.concept_image(user.id, "Bo", 0) == b"png-bytes"
+    assert reopened.version == SCHEMA_VERSION
+
+
+def test_upgrade_from_v1_keeps_concepts(config, tmp_path):
+    url = normalize_url(config.database_url or f"sqlite:///{tmp_path / 'store' / 'concepts.db'}")
+    (tmp_path / "store").mkdir(exist_ok=True)
+    engine = sa.create_engine(url)
+    assert migrate(engine, target=1) == 1
+    hashes = [hashlib.sha256(b).hexdigest() for b in (b"one", b"two")]
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO users (name, is_admin, created_at) VALUES ('alice', false, 0)"))
+        conn.execute(sa.text(
+            "INSERT INTO concepts (user_id, name, category, info, images, created_at) "
+            "VALUES (1, 'Bo', 'dog', 'v1 info', :images, 0)"), {"images": json.dumps(hashes)})
+        assert schema_version(conn) == 1
+    engine.dispose()
+    store = ConceptStore(config)  # opening upgrades
+    assert store.version == SCHEMA_VERSION == 2
+    [bo] = store.list_concepts(store.get_user("alice").id)
+    assert (bo.info, bo.image_sha256) == ("v1 info", hashes)
+    with store.engine.connect() as conn:
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("concepts")}
+    assert "images" not in columns
+    # Migrating again is a no-op.
+    assert migrate(store.engine) == SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused(tmp_path):
+    store = ConceptStore(StoreConfig(root=str(tmp_path)))
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE schema_version SET version = 99"))
+    store.close()
+    with pytest.raises(StoreError, match="newer than this code"):
+        ConceptStore(StoreConfig(root=str(tmp_path)))
+
+
+def test_config_and_bad_input():
+    with pytest.raises(ValueError, match="store.root"):
+        StoreConfig(root="")
+    assert normalize_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"

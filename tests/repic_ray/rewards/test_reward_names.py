@@ -1,0 +1,57 @@
+"""Tests for repic_ray/rewards/names.py: name precision / recall reward."""
+
+import numpy as np
+import pytest
+
+from repic_ray.rewards.base import RewardInput
+from repic_ray.rewards.names import NameReward, NameRewardConfig
+
+REFS = ["<Bo>", "<Anya>", "<Q>"]
+
+
+def _x(caption, concepts, task="caption"):
+    return RewardInput(caption, task=task, concept_names=concepts, candidate_names=REFS)
+
+
+def test_f1_reward_hand_values():
+    batch = [
+        # 1 concept named right, nothing else: P = 1, R = 1 -> F1 = 1.
+        _x("Bo's ball.", ["<Bo>"]),
+        # Every reference named, 1 concept: P = 1/3, R = 1 -> F1 = 2*(1/3)/(4/3) = 0.5.
+        _x("Bo, Anya and Q.", ["<Bo>"]),
+        # 2 concepts, 1 found, none wrong: P = 1, R = 1/2 -> F1 = 2*0.5/1.5 = 2/3.
+        _x("Anya smiles.", ["<Bo>", "<Anya>"]),
+        # Only a wrong name: P = 0, R = 0 -> 0.
+        _x("Q smiles.", ["<Bo>"]),
+        # Non-caption task -> 0 whatever the text.
+        _x("Bo", ["<Bo>"], task="yes_no"),
+    ]
+    out = NameReward()(batch)
+    np.testing.assert_allclose(out.rewards_B, [1.0, 0.5, 2 / 3, 0.0, 0.0])
+    np.testing.assert_allclose(out.components["name/precision"], [1.0, 1 / 3, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(out.components["name/recall"], [1.0, 1.0, 0.5, 0.0, 0.0])
+    np.testing.assert_allclose(out.components["name/wrong"], [0, 2, 0, 1, 0])
+
+
+def test_recall_minus_wrong_naming_everyone_does_not_pay():
+    cfg = NameRewardConfig(mode="recall_minus_wrong", wrong_penalty=1.0)
+    batch = [_x("Bo plays.", ["<Bo>"]), _x("Bo, Anya and Q play.", ["<Bo>"]), _x("A dog.", ["<Bo>"])]
+    out = NameReward(cfg)(batch)
+    # right only: 1 - 0 = 1; all three: 1 - 1*2/1 = -1; nothing: 0 - 0 = 0.
+    np.testing.assert_allclose(out.rewards_B, [1.0, -1.0, 0.0])
+    # With lambda = 0.5: all three -> 1 - 0.5*2 = 0.
+    out = NameReward(NameRewardConfig(mode="recall_minus_wrong", wrong_penalty=0.5))(batch[1:2])
+    np.testing.assert_allclose(out.rewards_B, [0.0])
+
+
+def test_compat_match_mode_misses_possessive():
+    cfg = NameRewardConfig(match_mode="compat")
+    out = NameReward(cfg)([_x("Bo's ball.", ["<Bo>"])])
+    np.testing.assert_allclose(out.rewards_B, [0.0])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mode"):
+        NameRewardConfig(mode="precision")
+    with pytest.raises(ValueError, match="wrong_penalty"):
+        NameRewardConfig(wrong_penalty=-1)

@@ -48,7 +48,9 @@ TEMPLATE_WORDS: tuple[str, ...] = tuple(
     it its name names including final answer output without duplicating given information
     for bounding box coordinates return json format must be either or additional
     here you can see can see together scene background grey gray left right top bottom center
-    middle corner of from to by as has have my your our friend pet favourite favorite""".split()
+    middle corner of from to by as has have my your our friend pet favourite favorite
+    provide personal six seven eight nine zero else empty rest nothing JSON
+    A An The This There Here In At It Is Where Give Provide Can You Also Nothing Output For""".split()
 )
 
 

@@ -158,8 +158,10 @@ def entropy_from_logits(logits_BTV: torch.Tensor) -> torch.Tensor:
     """
     logz = torch.logsumexp(logits_BTV, dim=-1)
     p = torch.softmax(logits_BTV, dim=-1)
-    pz = torch.where(p > 0, p * logits_BTV, torch.zeros((), dtype=p.dtype, device=p.device))
-    return logz - pz.sum(dim=-1)
+    # Zero the logits where p == 0 before the product: `0 * -inf` would give NaN in
+    # the forward pass and (through where's backward) in the gradient.
+    z = torch.where(p > 0, logits_BTV, torch.zeros((), dtype=p.dtype, device=p.device))
+    return logz - (p * z).sum(dim=-1)
 
 
 def policy_loss(

@@ -28,6 +28,7 @@ __all__ = [
     "discounted_returns",
     "gae_advantages",
     "grpo_advantages",
+    "masked_fill_zero",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -110,8 +111,7 @@ def check_right_padded(mask_BT: torch.Tensor, *, allow_empty: bool = False) -> t
         if rises.any():
             row = int(rises.nonzero()[0])
             raise ValueError(
-                f"mask_BT row {row} is not right-padded (a 0 is followed by a 1): "
-                f"{m[row].tolist()}"
+                f"mask_BT row {row} is not right-padded (a 0 is followed by a 1): {m[row].tolist()}"
             )
     len_B = m.sum(dim=1)
     if not allow_empty and (len_B == 0).any():
@@ -201,7 +201,8 @@ def grpo_advantages(
     Bessel's correction (`torch.std`, as RePIC); `norm_by_std=False` gives
     Dr.GRPO's `A_i = r_i - mean_g`. A group of one sequence has no baseline and
     gets advantage 0 (its std is taken as 0); a group whose rewards are all equal
-    gets 0 as well. Broadcast to tokens with `broadcast_to_tokens`.
+    gets 0 as well. Broadcast to tokens with `broadcast_to_tokens`. Compute it on
+    the whole batch before splitting it across learners: each group must be whole.
     """
     sum_U, count_U, inv_B = _group_stats(rewards_B, index_B)
     mean_U = sum_U / count_U

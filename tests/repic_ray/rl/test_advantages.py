@@ -73,9 +73,7 @@ def test_check_right_padded_lengths_and_errors():
 def test_token_level_rewards_on_last_token():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     out = token_level_rewards(torch.tensor([0.5, -1.0, 2.0]), mask)
-    expected = torch.tensor(
-        [[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, -1.0], [2.0, 0.0, 0.0, 0.0]]
-    )
+    expected = torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, -1.0], [2.0, 0.0, 0.0, 0.0]])
     assert_close(out, expected)
     with pytest.raises(ValueError, match="rewards_B shape"):
         token_level_rewards(torch.tensor([1.0, 2.0]), mask)

@@ -131,7 +131,11 @@ def test_entropy_bonus_in_policy_loss():
     ent = entropy_from_logits(logits)
     logp = torch.zeros(1, 2, dtype=F64)
     loss, stats = policy_loss(
-        logp, logp, torch.zeros(1, 2, dtype=F64), torch.ones(1, 2), entropy_BT=ent,
+        logp,
+        logp,
+        torch.zeros(1, 2, dtype=F64),
+        torch.ones(1, 2),
+        entropy_BT=ent,
         entropy_coef=0.01,
     )
     h1 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
@@ -236,7 +240,7 @@ def test_clipped_tokens_get_zero_gradient():
 
 def _policy_loss_loop(logp, old, ref, adv, mask, clip_low, clip_high, dual, beta, agg, max_len):
     """Plain-Python reference, one token at a time."""
-    B, T = mask.shape
+    B, _T = mask.shape
     per_seq, total, n_tok = [], 0.0, 0
     for b in range(B):
         seq = 0.0
@@ -266,11 +270,20 @@ def _policy_loss_loop(logp, old, ref, adv, mask, clip_low, clip_high, dual, beta
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_policy_loss_vectorized_equals_loop(agg):
     logp, old, ref, adv, mask = random_batch(seed=5)
-    kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=2.0, kl_beta=0.04)
+    kwargs = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 2.0, "kl_beta": 0.04}
     loss, _ = policy_loss(logp, old, adv, mask, ref_logprobs_BT=ref, agg=agg, max_len=10, **kwargs)
     want = _policy_loss_loop(
-        logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask, 0.2, 0.28, 2.0, 0.04,
-        agg, 10,
+        logp.tolist(),
+        old.tolist(),
+        ref.tolist(),
+        adv.tolist(),
+        mask,
+        0.2,
+        0.28,
+        2.0,
+        0.04,
+        agg,
+        10,
     )
     assert_close(loss, t64(want))
 
@@ -278,8 +291,16 @@ def test_policy_loss_vectorized_equals_loop(agg):
 def _loss_and_grad(logp, old, ref, adv, mask, agg, normalizer=None):
     logp = logp.detach().clone().requires_grad_(True)
     loss, _ = policy_loss(
-        logp, old, adv, mask, ref_logprobs_BT=ref, kl_beta=0.04, clip_high=0.28,
-        agg=agg, max_len=10, normalizer=normalizer,
+        logp,
+        old,
+        adv,
+        mask,
+        ref_logprobs_BT=ref,
+        kl_beta=0.04,
+        clip_high=0.28,
+        agg=agg,
+        max_len=10,
+        normalizer=normalizer,
     )
     loss.backward()
     return loss.detach(), logp.grad
@@ -320,7 +341,9 @@ def test_token_mean_without_global_normalizer_is_not_split_invariant():
     halves = [slice(0, 3), slice(3, 6)]
     assert [int(mask[h].sum()) for h in halves] == [12, 13]
     local = torch.stack(
-        [_loss_and_grad(*(x[h] for x in (logp, old, ref, adv, mask)), "token_mean")[0]
-         for h in halves]
+        [
+            _loss_and_grad(*(x[h] for x in (logp, old, ref, adv, mask)), "token_mean")[0]
+            for h in halves
+        ]
     ).mean()
     assert not torch.isclose(local, full_loss)

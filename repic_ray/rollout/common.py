@@ -1,0 +1,152 @@
+"""Pieces shared by the vLLM and Hugging Face rollout engines."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from repic_ray.rollout.config import SamplingConfig
+from repic_ray.rollout.types import RolloutRequest
+
+IMAGE_PLACEHOLDER = "<|image_pad|>"
+# Qwen2.5-VL's vision special tokens; a random (or badly trained) policy can sample them,
+# and a sampled <|image_pad|> in a later prompt breaks the image-token count check.
+VISION_SPECIAL_TOKENS = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def vision_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the vision special tokens the tokenizer knows, sorted."""
+    try:
+        from repic_ray.models.loading import vision_special_token_ids
+    except ImportError:
+        vocab = tokenizer.get_vocab()
+        return sorted(vocab[t] for t in VISION_SPECIAL_TOKENS if t in vocab)
+    return sorted(vision_special_token_ids(tokenizer))
+
+
+def num_samples(request: RolloutRequest, sampling: SamplingConfig) -> int:
+    n = sampling.n if request.n is None else request.n
+    if n < 1:
+        raise ValueError(f"request {request.uid!r}: n must be >= 1, got {n}")
+    return n
+
+
+def request_seed(base_seed: int, uid: str) -> int:
+    """A per-request seed from the base seed and the uid, independent of batch order.
+
+    vLLM gives sample i of a request the seed `seed + i`; spacing requests by a hash keeps
+    two requests from sharing seeds unless their uids collide."""
+    return (base_seed * 1_000_003 + zlib.crc32(uid.encode())) % (2**31 - 2**16)
+
+
+def validate_requests(requests: list[RolloutRequest], max_images: int) -> None:
+    """Fail early, naming the request, on duplicate uids and placeholder/image mismatches."""
+    seen: set[str] = set()
+    for r in requests:
+        if r.uid in seen:
+            raise ValueError(f"duplicate request uid {r.uid!r}")
+        seen.add(r.uid)
+        placeholders = r.prompt_text.count(IMAGE_PLACEHOLDER)
+        if placeholders != len(r.image_paths):
+            raise ValueError(
+                f"request {r.uid!r}: prompt_text has {placeholders} image placeholder(s) "
+                f"({IMAGE_PLACEHOLDER}) but {len(r.image_paths)} image path(s) were given"
+            )
+        if len(r.image_paths) > max_images:
+            raise ValueError(
+                f"request {r.uid!r}: {len(r.image_paths)} images exceed "
+                f"rollout.limit_images_per_prompt={max_images}"
+            )
+
+
+def load_images(request: RolloutRequest) -> list[Image.Image]:
+    images = []
+    for path in request.image_paths:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"request {request.uid!r}: cannot read image {path!r}: {exc}") from exc
+    return images
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def write_peft_adapter(
+    directory: Path, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]
+) -> None:
+    """Write an adapter exactly as peft's `save_pretrained` does (safetensors + config json)."""
+    from safetensors.torch import save_file
+
+    if not tensors:
+        raise ValueError("update_lora: no LoRA tensors given")
+    bad = [k for k in tensors if ".lora_A." not in k and ".lora_B." not in k]
+    if bad:
+        raise ValueError(
+            "update_lora: tensor names must be peft adapter names (…lora_A.weight / "
+            f"…lora_B.weight), got e.g. {bad[:3]}"
+        )
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in peft_config:
+            raise ValueError(f"update_lora: peft_config lacks {key!r}")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+        str(directory / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", **_jsonable(peft_config)}
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [_jsonable(v) for v in obj]
+        return sorted(items) if isinstance(obj, (set, frozenset)) else items
+    if hasattr(obj, "value") and not isinstance(obj, (int, float, str, bool)):  # enums
+        return obj.value
+    return obj
+
+
+def checkpoint_parameter_names(model_dir: str) -> set[str] | None:
+    """Tensor names stored in a local safetensors checkpoint; None if not a local one."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            names.update(fh.keys())
+    return names
+
+
+def check_full_state_dict(state_dict: dict[str, torch.Tensor], known: set[str] | None) -> None:
+    if not state_dict:
+        raise ValueError("update_full: empty state dict")
+    if known is None:
+        return
+    unknown = sorted(set(state_dict) - known)
+    if unknown:
+        raise ValueError(
+            f"update_full: {len(unknown)} parameter name(s) not in the checkpoint "
+            f"(Hugging Face naming expected), e.g. {unknown[:3]}"
+        )

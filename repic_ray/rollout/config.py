@@ -1,0 +1,119 @@
+"""Settings of the rollout engines: how to build the inference engine, how to sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled (RePIC: 8 samples, temperature 1.0, 256 tokens)."""
+
+    n: int = 8
+    """Completions per prompt, used when a request does not set its own `n`."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 keeps the whole distribution."""
+    max_tokens: int = 256
+    """Most completion tokens per sample."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a completion; the text is cut before them (token ids keep them)."""
+    seed: Optional[int] = None
+    """Base seed. Set: each request's samples are reproducible, derived from the seed and the
+    request uid (independent of batch order in vLLM). None: fresh randomness every call."""
+    block_vision_tokens: bool = True
+    """Never sample the vision special tokens (`<|image_pad|>`, `<|vision_start|>`, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"sampling.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"sampling.max_tokens must be >= 1, got {self.max_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError(f"sampling.stop must not contain empty strings, got {self.stop!r}")
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout (inference) engine: model, memory and engine limits, default sampling."""
+
+    model: str = ""
+    """Hugging Face checkpoint directory (or hub id) of the policy."""
+    tokenizer: Optional[str] = None
+    """Tokenizer / processor directory; None uses `model`."""
+    dtype: str = "bfloat16"
+    """Weights and activations dtype: "bfloat16", "float16", "float32" or "auto"."""
+    enable_lora: bool = True
+    """Serve the policy as base weights plus a LoRA adapter that `update_lora` swaps."""
+    max_lora_rank: int = 64
+    """Largest LoRA rank the engine accepts (RePIC: r=64)."""
+    max_model_len: int = 4096
+    """Most tokens of prompt plus completion per sequence."""
+    max_num_batched_tokens: int = 16384
+    """Tokens per engine step. vLLM on CPU raises 'CPU Generator does not use offset' for seeded
+    sampling when a batch needs more than one step's tokens, so keep this above the batch size."""
+    max_num_seqs: int = 256
+    """Most sequences decoded together."""
+    limit_images_per_prompt: int = 5
+    """Most images in one prompt (RePIC: up to 4 references plus the query image)."""
+    kv_cache_gib: Optional[float] = 1.0
+    """KV cache size in GiB (vLLM `kv_cache_memory_bytes`; on CPU the environment variable
+    `VLLM_CPU_KVCACHE_SPACE`, when set, takes precedence). None: vLLM's default."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory vLLM may use when `kv_cache_gib` is None (ignored on CPU)."""
+    tensor_parallel_size: int = 1
+    """Devices the model is sharded over."""
+    logprobs_mode: LogprobsMode = "processed_logprobs"
+    """"processed_logprobs": log-probs of the distribution actually sampled from (temperature,
+    top_p and the vision-token block applied). "raw_logprobs": full-vocabulary log-softmax of the
+    raw logits (temperature 1)."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph / compile capture (required on CPU, faster start everywhere)."""
+    seed: int = 0
+    """Engine seed (initial sampler state)."""
+    mm_processor_kwargs: dict = field(default_factory=dict)
+    """Extra image-processor arguments, e.g. {"min_pixels": 784, "max_pixels": 1003520}."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Default sampling settings of `generate`."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bfloat16", "float16", "float32", "auto"):
+            raise ValueError(f"rollout.dtype must be bfloat16/float16/float32/auto, got {self.dtype!r}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"rollout.max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_model_len < 1:
+            raise ValueError(f"rollout.max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"rollout.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"rollout.max_model_len ({self.max_model_len})"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"rollout.max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.limit_images_per_prompt < 0:
+            raise ValueError(
+                f"rollout.limit_images_per_prompt must be >= 0, got {self.limit_images_per_prompt}"
+            )
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ValueError(f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
+            )
+        if self.logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
+            raise ValueError(
+                "rollout.logprobs_mode must be 'processed_logprobs' or 'raw_logprobs', "
+                f"got {self.logprobs_mode!r}"
+            )

@@ -1,0 +1,56 @@
+"""Tests for repic_ray/evaluation/cli.py: `repic eval` output on hand-built result files."""
+
+import json
+
+import pytest
+
+from repic_ray.evaluation.cli import main
+
+# Same records as test_eval_metric.MIXED, as a RePIC result file.
+RECORDS = [
+    ["img1.jpg", ["<Bo>"], "Bo's ball is red.", "Give a caption."],
+    ["img2.jpg", ["<Anya>"], "Here <Bo> sits.", "Give a caption."],
+    ["img3.jpg", ["<captain america>", "<Bo>"], "Captain America and bo.", "Give a caption."],
+    ["img4.jpg", ["<Anya>", "<Bo>"], "A sunny day.", "Give a caption."],
+]
+
+
+@pytest.fixture
+def result_file(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+def test_text_output_percent_one_decimal(result_file, capsys):
+    assert main(["eval", "--captions", str(result_file)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "4 captions, mode default, case-insensitive" in lines[0]
+    # all: P 3/4, R 3/6, F1 0.6; k=1: 1/2 each; k=2: P 1, R 1/2, F1 2/3 (see test_eval_metric).
+    assert lines[2].split() == ["all", "75.0", "50.0", "60.0", "6"]
+    assert lines[3].split() == ["1", "50.0", "50.0", "50.0", "2"]
+    assert lines[4].split() == ["2", "100.0", "50.0", "66.7", "4"]
+
+
+def test_json_output_compat(result_file, capsys):
+    assert main(["--captions", str(result_file), "--mode", "compat", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "compat" and out["case_sensitive"] is False
+    # compat: hits 1, MISS 1, slots 6 -> P 0.5, R 1/6, F1 0.25.
+    assert out["overall"]["hits"] == 1 and out["overall"]["misses"] == 1
+    assert out["overall"]["f1"] == pytest.approx(0.25)
+    assert set(out["by_k"]) == {"1", "2"}
+
+
+def test_bad_record_names_file_and_record(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([RECORDS[0], ["img.jpg", "<Bo>", "caption", "q"]]))
+    with pytest.raises(ValueError, match=r"bad.json: record 1, field 'concepts'"):
+        main(["--captions", str(path)])
+
+
+def test_missing_references_raise(result_file, tmp_path):
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"img1.jpg": ["a red ball"]}))
+    with pytest.raises(ValueError, match="no references for image"):
+        main(["--captions", str(result_file), "--references", str(refs)])

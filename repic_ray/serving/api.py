@@ -1,0 +1,359 @@
+"""The HTTP API of the captioning service (FastAPI; OpenAPI at `/docs`).
+
+    POST   /v1/concepts                 register a concept (multipart: name, category,
+                                        info, images[])
+    GET    /v1/concepts                 list the caller's concepts
+    GET    /v1/concepts/{name}          one concept
+    GET    /v1/concepts/{name}/images/{i}  a reference image
+    DELETE /v1/concepts/{name}          delete it (and images no one else uses)
+    POST   /v1/captions                 caption an image (multipart: image, and either
+                                        concepts="Bo,Mo" or top_k=N for retrieval)
+    POST   /v1/admin/users              create a user and its first key (admins only)
+    POST   /v1/admin/users/{name}/keys  another key for a user (admins only)
+    GET    /v1/me, /healthz, /          who am I, liveness, the web page
+
+Every concept route is scoped to the user that the `X-API-Key` header
+authenticates; another user's concept is indistinguishable from a missing one
+(404). The models sit behind a `Backend` (the Serve deployments' handles in
+production, the plain classes in tests), so this module never imports Ray.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must evaluate the route
+# annotations, which name dependencies defined locally inside `build_app`.
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Protocol
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from repic_ray.serving.store import Concept, ConceptStore, StoreError, User
+from repic_ray.serving.types import CaptionResult, Match, ReferenceConcept
+from repic_ray.serving.uploads import (
+    LimitsConfig,
+    UploadError,
+    check_image,
+    check_name,
+    check_text,
+)
+
+DEFAULT_STATIC_DIR = Path(__file__).resolve().parents[2] / "deploy" / "static"
+
+
+@dataclass
+class ApiConfig:
+    """Behaviour of the HTTP API."""
+
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Upload and request limits."""
+    default_top_k: int = 2
+    """Concepts retrieved when a caption request names none and gives no `top_k`."""
+    static_dir: str = ""
+    """Directory of the web page; empty means `deploy/static` of this checkout."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_top_k <= self.limits.max_concepts_per_caption:
+            raise ValueError(
+                f"api.default_top_k: must be in 1..limits.max_concepts_per_caption "
+                f"({self.limits.max_concepts_per_caption}), got {self.default_top_k}")
+
+
+class Backend(Protocol):
+    """The models behind the API."""
+
+    async def match(self, query: bytes, concepts: list[ReferenceConcept], top_k: int
+                    ) -> list[Match]: ...
+
+    async def caption(self, query: bytes, concepts: list[ReferenceConcept]
+                      ) -> CaptionResult: ...
+
+
+# -- response schemas (OpenAPI) ----------------------------------------------
+
+class ConceptOut(BaseModel):
+    name: str
+    category: str
+    info: str
+    num_images: int
+    image_urls: list[str]
+
+
+class MatchOut(BaseModel):
+    name: str
+    category: str
+    score: float | None = None
+    box: list[float] | None = None
+    """[x1, y1, x2, y2] in pixels of the uploaded image."""
+
+
+class CaptionOut(BaseModel):
+    caption: str
+    model: str
+    mode: str
+    """"explicit" (named concepts) or "retrieval" (top-K nearest concepts)."""
+    concepts: list[MatchOut]
+    width: int
+    height: int
+
+
+class UserOut(BaseModel):
+    name: str
+    is_admin: bool
+
+
+class NewUserIn(BaseModel):
+    name: str
+    is_admin: bool = False
+
+
+class NewKeyOut(BaseModel):
+    name: str
+    api_key: str
+    """Shown once; only its hash is stored."""
+
+
+def _concept_out(c: Concept) -> ConceptOut:
+    return ConceptOut(
+        name=c.name, category=c.category, info=c.info, num_images=len(c.image_sha256),
+        image_urls=[f"/v1/concepts/{c.name}/images/{i}" for i in range(len(c.image_sha256))],
+    )
+
+
+def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = None) -> FastAPI:
+    """The FastAPI application over `store` and `backend`."""
+    config = config or ApiConfig()
+    limits = config.limits
+    app = FastAPI(
+        title="repic-ray personalized captioner",
+        description="Register personal concepts with reference photos, then caption "
+                    "photos that mention them by name (RePIC-style prompting).",
+        version="1",
+    )
+    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                                  description="A key from `repic serve add-user`.")
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(_: Request, exc: UploadError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+    def current_user(key: Annotated[str | None, Depends(api_key_header)]) -> User:
+        user = store.authenticate(key or "")
+        if user is None:
+            raise HTTPException(401, "missing or invalid X-API-Key",
+                                headers={"WWW-Authenticate": "APIKey"})
+        return user
+
+    def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
+        if not user.is_admin:
+            raise HTTPException(403, "admin key required")
+        return user
+
+    Caller = Annotated[User, Depends(current_user)]
+
+    async def read_upload(upload: UploadFile) -> bytes:
+        # Read one byte past the limit: enough to know it is too large, no more.
+        data = await upload.read(limits.max_upload_bytes + 1)
+        if len(data) > limits.max_upload_bytes:
+            raise UploadError(413, f"{upload.filename or 'upload'}: larger than the limit "
+                                   f"of {limits.max_upload_bytes} bytes")
+        return data
+
+    # -- misc --------------------------------------------------------------
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        return {"ok": True}
+
+    @app.get("/v1/me", response_model=UserOut)
+    def me(user: Caller) -> UserOut:
+        return UserOut(name=user.name, is_admin=user.is_admin)
+
+    # -- admin -------------------------------------------------------------
+
+    @app.post("/v1/admin/users", response_model=NewKeyOut, status_code=201)
+    def create_user(body: NewUserIn, _: Annotated[User, Depends(admin_user)]) -> NewKeyOut:
+        try:
+            store.create_user(body.name, is_admin=body.is_admin)
+        except StoreError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return NewKeyOut(name=body.name, api_key=store.create_api_key(body.name))
+
+    @app.post("/v1/admin/users/{name}/keys", response_model=NewKeyOut, status_code=201)
+    def create_key(name: str, _: Annotated[User, Depends(admin_user)]) -> NewKeyOut:
+        try:
+            return NewKeyOut(name=name, api_key=store.create_api_key(name))
+        except StoreError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    # -- concepts ----------------------------------------------------------
+
+    @app.post("/v1/concepts", response_model=ConceptOut, status_code=201)
+    async def create_concept(
+        user: Caller,
+        name: Annotated[str, Form(description="Concept name, e.g. Bo")],
+        images: Annotated[list[UploadFile], File(description="Reference photos")],
+        category: Annotated[str, Form(description="e.g. dog")] = "object",
+        info: Annotated[str, Form(description="Short description")] = "",
+    ) -> ConceptOut:
+        check_name(name, limits)
+        check_text("category", category, limits.max_category_chars)
+        check_text("info", info, limits.max_info_chars)
+        if not 1 <= len(images) <= limits.max_images_per_concept:
+            raise UploadError(422, f"images: between 1 and {limits.max_images_per_concept} "
+                                   f"reference images, got {len(images)}")
+        blobs = []
+        for upload in images:
+            data = await read_upload(upload)
+            await run_in_threadpool(check_image, data, upload.filename or "", limits)
+            blobs.append(data)
+        count = await run_in_threadpool(store.count_concepts, user.id)
+        if count >= limits.max_concepts_per_user:
+            raise UploadError(409, f"concept limit reached ({limits.max_concepts_per_user} "
+                                   "per user); delete one first")
+        try:
+            concept = await run_in_threadpool(
+                store.add_concept, user.id, name, category, info, blobs)
+        except StoreError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return _concept_out(concept)
+
+    @app.get("/v1/concepts", response_model=list[ConceptOut])
+    def list_concepts(user: Caller) -> list[ConceptOut]:
+        return [_concept_out(c) for c in store.list_concepts(user.id)]
+
+    def owned(user: User, name: str) -> Concept:
+        concept = store.get_concept(user.id, name)
+        if concept is None:
+            raise HTTPException(404, f"no concept named {name!r}")
+        return concept
+
+    @app.get("/v1/concepts/{name}", response_model=ConceptOut)
+    def get_concept(name: str, user: Caller) -> ConceptOut:
+        return _concept_out(owned(user, name))
+
+    @app.get("/v1/concepts/{name}/images/{index}",
+             responses={200: {"content": {"image/*": {}}}})
+    def get_concept_image(name: str, index: int, user: Caller) -> Response:
+        concept = owned(user, name)
+        if not 0 <= index < len(concept.image_sha256):
+            raise HTTPException(404, f"concept {name!r} has no image {index}")
+        data = store.images.get(concept.image_sha256[index])
+        return Response(content=data, media_type=_media_type(data),
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.delete("/v1/concepts/{name}", status_code=204)
+    def delete_concept(name: str, user: Caller) -> Response:
+        if not store.delete_concept(user.id, name):
+            raise HTTPException(404, f"no concept named {name!r}")
+        return Response(status_code=204)
+
+    # -- captions ----------------------------------------------------------
+
+    @app.post("/v1/captions", response_model=CaptionOut)
+    async def caption(
+        user: Caller,
+        image: Annotated[UploadFile, File(description="The photo to caption")],
+        concepts: Annotated[str, Form(
+            description="Comma-separated concept names to use; empty: retrieve top_k")] = "",
+        top_k: Annotated[int | None, Form(description="Concepts to retrieve")] = None,
+    ) -> CaptionOut:
+        data = await read_upload(image)
+        query = await run_in_threadpool(check_image, data, image.filename or "", limits)
+        names = list(dict.fromkeys(n.strip() for n in concepts.split(",") if n.strip()))
+        if names:
+            if len(names) > limits.max_concepts_per_caption:
+                raise UploadError(422, f"concepts: at most {limits.max_concepts_per_caption} "
+                                       f"per caption, got {len(names)}")
+            for n in names:
+                check_name(n, limits)
+            if top_k is not None:
+                raise UploadError(422, "give either concepts or top_k, not both")
+            stored = await run_in_threadpool(store.list_concepts, user.id, names)
+            missing = sorted(set(names) - {c.name for c in stored})
+            if missing:
+                raise HTTPException(404, f"no concept named {', '.join(map(repr, missing))}")
+            mode, k = "explicit", len(stored)
+        else:
+            k = config.default_top_k if top_k is None else top_k
+            if not 1 <= k <= limits.max_concepts_per_caption:
+                raise UploadError(422, f"top_k: must be in 1..{limits.max_concepts_per_caption}"
+                                       f", got {k}")
+            stored = await run_in_threadpool(store.list_concepts, user.id)
+            mode = "retrieval"
+        refs = await run_in_threadpool(_references, store, stored)
+        matches = await backend.match(data, refs, k) if refs else []
+        by_name = {r.name: r for r in refs}
+        if mode == "retrieval":
+            refs = [by_name[m.name] for m in matches]
+        else:
+            # Explicit names keep the user's order; boxes come from the matcher.
+            refs = [by_name[n] for n in names]
+            found = {m.name: m for m in matches}
+            matches = [found.get(n) or Match(name=n, score=float("nan"), box=None)
+                       for n in names]
+        result = await backend.caption(data, refs)
+        return CaptionOut(
+            caption=result.caption, model=result.model, mode=mode,
+            width=query.width, height=query.height,
+            concepts=[MatchOut(name=m.name, category=by_name[m.name].category,
+                               score=None if m.score != m.score else m.score, box=m.box)
+                      for m in matches],
+        )
+
+    # -- web page ----------------------------------------------------------
+
+    static = Path(config.static_dir) if config.static_dir else DEFAULT_STATIC_DIR
+    if static.is_dir():
+        app.mount("/static", StaticFiles(directory=static), name="static")
+
+        @app.get("/", include_in_schema=False)
+        def index() -> FileResponse:
+            return FileResponse(static / "index.html")
+
+    return app
+
+
+def _references(store: ConceptStore, concepts: list[Concept]) -> list[ReferenceConcept]:
+    return [
+        ReferenceConcept(name=c.name, category=c.category, info=c.info,
+                         images=[store.images.get(h) for h in c.image_sha256],
+                         image_sha256=list(c.image_sha256))
+        for c in concepts
+    ]
+
+
+def _media_type(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+class LocalBackend:
+    """A `Backend` over in-process model objects (tests, the benchmark baseline, a
+    single-process server). Model calls run in a worker thread so the event loop
+    keeps serving."""
+
+    def __init__(self, retriever, captioner):  # noqa: ANN001 - duck-typed models
+        self.retriever = retriever
+        self.captioner = captioner
+        self._lock = asyncio.Lock()
+
+    async def match(self, query: bytes, concepts: list[ReferenceConcept], top_k: int
+                    ) -> list[Match]:
+        return await run_in_threadpool(self.retriever.match, query, concepts, top_k)
+
+    async def caption(self, query: bytes, concepts: list[ReferenceConcept]) -> CaptionResult:
+        if asyncio.iscoroutinefunction(self.captioner.caption):
+            return await self.captioner.caption(query, concepts)
+        # One generate at a time: HF models are not safe to call from several threads.
+        async with self._lock:
+            return await run_in_threadpool(self.captioner.caption, query, concepts)

@@ -35,7 +35,7 @@ install-gpu:
 	$(PIP) install -q -e ".[gpu,dev]"
 
 demo: install
-	$(PY) -m repic_ray.cli train --config configs/tiny_cpu.yaml
+	$(PY) -m actors.cli train --config configs/tiny_cpu.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
+from repic_ray.rewards.base import RewardOutput
 from repic_ray.rl import advantages as adv
 from repic_ray.rl.kl import apply_kl_to_rewards
 
@@ -63,3 +65,15 @@ def compute_advantages(
             raise ValueError("estimator 'gae' needs values_BT from the learner's critic")
         return adv.gae_advantages(token_rewards_BT, values_BT, mask_BT, gamma=gamma, lam=lam)
     raise ValueError(f"unknown advantage estimator {estimator!r}")
+
+
+def concat_reward_outputs(outputs: list[RewardOutput]) -> RewardOutput:
+    """Join the reward actors' outputs (in chunk order) into one batch."""
+    keys = set().union(*(o.components for o in outputs)) if outputs else set()
+    missing = [k for k in keys if any(k not in o.components for o in outputs)]
+    if missing:
+        raise ValueError(f"reward actors disagree on components: {sorted(missing)}")
+    return RewardOutput(
+        rewards_B=np.concatenate([o.rewards_B for o in outputs]) if outputs else np.zeros(0),
+        components={k: np.concatenate([o.components[k] for o in outputs]) for k in sorted(keys)},
+    )

@@ -1,0 +1,438 @@
+"""`repic train`: GRPO / PPO post-training of a multimodal policy on a Ray cluster.
+
+What runs, per step (`training_step`, top to bottom):
+  1. sample P prompts (RePIC multi-image prompts: references, then the query);
+  2. N vLLM rollout workers sample G completions each, with sampled-token log-probs
+     and the policy version that produced them;
+  3. M reward actors score them (RePIC's verifiable rewards, name precision/recall,
+     detector-verified recognition, CIDEr-D caption quality; weights from config);
+  4. advantages on the driver (GRPO by default: (r - group mean) / (group std + 1e-4));
+  5. K DeepSpeed learner ranks take one PPO-clip step with the k3 KL to the reference
+     (LoRA adapter disabled) inside the loss, loss averaged per sequence then over the
+     batch (RePIC); old log-probs are recomputed by the learner (sync) or taken from the
+     rollout (async: one-step off-policy);
+  6. the new LoRA tensors (or merged full weights) are published through the object
+     store; each worker loads them on its next call (a restarted worker heals itself);
+  7. metrics: every reward component, KL, clip fraction, entropy, lengths, the
+     learner-vs-rollout log-prob mismatch, time per phase, tokens/s.
+
+Departures from RePIC: rewards are composable (RePIC hard-wires its three); the
+embedded default trains a tiny random-init model on a synthetic world on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import ray
+import torch
+
+from actors.roles import LearnerGroup, create_reward_actors, create_rollout_workers
+from actors.workers import WeightsRef
+from repic_ray.config import dump_yaml, to_dict
+from repic_ray.learner.batch import TrainBatch
+from repic_ray.models.loading import load_processor, resolve_checkpoint
+from repic_ray.pipeline.config import ExperimentConfig
+from repic_ray.pipeline.episodes import RunData, caption_records, load_run_data, make_request, reward_inputs
+from repic_ray.pipeline.experience import compute_advantages, concat_reward_outputs, pad_right
+from repic_ray.pipeline.metrics import MetricsWriter, evaluate_split_metrics
+from repic_ray.pipeline.sampler import PromptSampler
+from repic_ray.rewards.base import RewardOutput
+from repic_ray.rollout.types import RolloutRequest, RolloutResult
+
+log = logging.getLogger("repic.train")
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class Handles:
+    """Every actor of a run."""
+
+    rollout: list[Any]
+    rewards: list[Any]
+    learners: LearnerGroup
+    placement_groups: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """The driver's state; `checkpoint_state` / `restore_state` make it resumable."""
+
+    cfg: ExperimentConfig
+    out: Path
+    data: RunData
+    processor: Any
+    sampler: PromptSampler
+    handles: Handles
+    metrics: MetricsWriter
+    step: int = 0
+    version: int = 0
+    weights: Optional[WeightsRef] = None
+    pending: Optional[tuple] = None
+    """Async mode: (items, requests, result refs, version) of the next step's rollout."""
+    seen_uids: set = field(default_factory=set)
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------- rollouts
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal chunks (some may be empty when items < parts)."""
+    bounds = np.linspace(0, len(items), parts + 1).astype(int)
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def launch_rollouts(run: Run, requests: list[RolloutRequest], sampling) -> list:
+    """Spread requests over the rollout workers; returns one ref per non-empty chunk."""
+    chunks = split_evenly(requests, len(run.handles.rollout))
+    return [w.generate.remote(chunk, sampling, run.weights) for w, chunk in zip(run.handles.rollout, chunks) if chunk]
+
+
+def collect_rollouts(refs: list, requests: list[RolloutRequest]) -> dict[str, RolloutResult]:
+    """Results by uid; every request answered exactly once (retries may not duplicate)."""
+    results: dict[str, RolloutResult] = {}
+    for chunk in ray.get(refs):
+        for res in chunk:
+            if res.uid in results:
+                raise RuntimeError(f"duplicate rollout result for {res.uid}")
+            results[res.uid] = res
+    missing = [r.uid for r in requests if r.uid not in results]
+    if missing:
+        raise RuntimeError(f"rollouts lost for {missing}")
+    return results
+
+
+def score_all(run: Run, inputs: list) -> RewardOutput:
+    chunks = split_evenly(inputs, len(run.handles.rewards))
+    outs = ray.get([a.score.remote(c) for a, c in zip(run.handles.rewards, chunks) if c])
+    return concat_reward_outputs(outs)
+
+
+# ------------------------------------------------------------------------- one step
+
+
+def sample_rollouts(run: Run) -> tuple:
+    """Draw the next P prompts and launch their rollouts (not waiting for them)."""
+    cfg = run.cfg
+    items = run.sampler.next(cfg.algo.prompts_per_step)
+    requests = [make_request(uid, s, run.processor, cfg.trainer.seed, cfg.algo.group_size)[0] for uid, s in items]
+    return items, requests, launch_rollouts(run, requests, cfg.sampling), run.version
+
+
+def training_step(run: Run) -> dict[str, float]:
+    """One RL step; returns its metrics."""
+    cfg, timer = run.cfg, PhaseTimer()
+
+    # 1-2. prompts -> rollouts (async: this step's rollouts were launched last step)
+    with timer("generate"):
+        pending = run.pending or sample_rollouts(run)
+        items, requests, refs, rollout_version = pending
+        results = collect_rollouts(refs, requests)
+        run.pending = sample_rollouts(run) if cfg.algo.mode == "async" else None
+    for uid, _ in items:
+        if uid in run.seen_uids:
+            raise RuntimeError(f"prompt {uid} trained twice")
+        run.seen_uids.add(uid)
+
+    # 3. rewards
+    with timer("reward"):
+        inputs, index, completions = [], [], []
+        for p, (uid, sample) in enumerate(items):
+            comps = results[uid].completions
+            inputs += reward_inputs(sample, comps, run.data.categories)
+            completions += [(requests[p], c) for c in comps]
+            index += [p] * len(comps)
+        scored = score_all(run, inputs)
+
+    # 4. experience: old log-probs, advantages
+    with timer("experience"):
+        batch = TrainBatch(
+            prompt_texts=[r.prompt_text for r, _ in completions],
+            image_paths=[list(r.image_paths) for r, _ in completions],
+            completion_ids=[c.token_ids for _, c in completions],
+            old_logprobs_BT=pad_right([c.logprobs for _, c in completions]),
+            advantages_BT=torch.zeros(len(completions)),
+        )
+        mask_BT = batch.mask_BT
+        learner_lp_BT = run.handles.learners.compute_logprobs(batch)
+        mismatch = float(((learner_lp_BT - batch.old_logprobs_BT).abs() * mask_BT).sum() / mask_BT.sum())
+        if cfg.algo.mode == "sync":
+            batch.old_logprobs_BT = learner_lp_BT  # exact ratio 1 at the first update
+        values_BT = run.handles.learners.compute_values(batch) if cfg.algo.estimator == "gae" else None
+        kl_BT = None
+        if cfg.algo.kl_in_reward:
+            ref_BT = run.handles.learners.compute_ref_logprobs(batch)
+            kl_BT = (batch.old_logprobs_BT - ref_BT) * mask_BT
+        rewards_B = torch.as_tensor(scored.rewards_B, dtype=torch.float32)
+        batch.advantages_BT, batch.returns_BT = compute_advantages(
+            cfg.algo.estimator, rewards_B, torch.as_tensor(index), mask_BT,
+            std_eps=cfg.algo.std_eps, gamma=cfg.algo.gamma, lam=cfg.algo.lam,
+            kl_BT=kl_BT, kl_beta=cfg.algo.kl_reward_beta, values_BT=values_BT,
+        )
+        batch.values_BT = values_BT
+
+    # 5. learner update(s)
+    with timer("train"):
+        for _ in range(cfg.algo.updates_per_batch):
+            stats = run.handles.learners.train_step(batch)
+
+    # 6. publish the new weights
+    with timer("sync"):
+        run.version += 1
+        run.weights = run.handles.learners.export(cfg.cluster.weight_sync, run.version)
+
+    # 7. metrics
+    run.step += 1
+    lengths = mask_BT.sum(1)
+    tokens = int(lengths.sum())
+    metrics = {
+        "step": run.step,
+        "reward/total_mean": float(rewards_B.mean()),
+        "reward/total_std": float(rewards_B.std()) if len(rewards_B) > 1 else 0.0,
+        "train/loss": stats.loss,
+        "train/policy_loss": stats.policy_loss,
+        "train/kl": stats.kl,
+        "train/clip_frac": stats.clip_frac,
+        "train/entropy": stats.entropy,
+        "train/grad_norm": stats.grad_norm,
+        "train/lr": stats.lr,
+        "response/length_mean": float(lengths.float().mean()),
+        "response/length_max": float(lengths.max()),
+        "rollout/logprob_mismatch": mismatch,
+        "rollout/staleness": float(run.version - 1 - rollout_version),
+        "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
+        **{f"time/{k}": v for k, v in timer.seconds.items()},
+    }
+    for name, values in scored.components.items():
+        values = np.asarray(values, dtype=np.float64)
+        metrics[f"reward/{name}_mean"] = float(values.mean())
+        metrics[f"reward/{name}_std"] = float(values.std())
+    return metrics
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+def evaluate(run: Run, tag: str) -> dict[str, Any]:
+    """Greedy captions of every held-out split; RePIC's precision / recall / F1 per split."""
+    cfg, out = run.cfg, run.out / "eval" / tag
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {}
+    for k, split in sorted(run.data.eval_splits.items()):
+        pairs = [make_request(f"eval{k}:{i}", s, run.processor, cfg.trainer.seed, 1) for i, s in enumerate(split)]
+        requests = [r for r, _ in pairs]
+        results = collect_rollouts(launch_rollouts(run, requests, cfg.eval_sampling), requests)
+        texts = [results[r.uid].completions[0].text for r in requests]
+        records = caption_records(split, texts, [p.text for _, p in pairs])
+        summary[f"k{k}"] = evaluate_split_metrics(records, out / f"captions_k{k}.json", run.data.candidates)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    return sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if root.exists() else []
+
+
+def save_checkpoint(run: Run) -> Path:
+    path = run.out / "checkpoints" / f"step_{run.step:06d}"
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.handles.learners.save(str(tmp / "learner"))
+    state = {
+        "step": run.step,
+        "version": run.version,
+        "sampler": run.sampler.state_dict(),
+        "seen_uids": sorted(run.seen_uids),
+        "python_rng": repr(random.getstate()),
+        "config": to_dict(run.cfg),
+    }
+    (tmp / "driver.json").write_text(json.dumps(state))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    for old in checkpoint_dirs(run.out)[: -run.cfg.trainer.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def restore_checkpoint(run: Run, path: Path) -> None:
+    """Learners and driver back to the checkpoint; the rollout weights re-published."""
+    state = json.loads((path / "driver.json").read_text())
+    run.handles.learners.load(str(path / "learner"))
+    run.step, run.version = state["step"], state["version"]
+    run.sampler.load_state_dict(state["sampler"])
+    run.seen_uids = set(state["seen_uids"])
+    run.pending = None
+    run.weights = run.handles.learners.export(run.cfg.cluster.weight_sync, run.version) if run.version else None
+    run.metrics.truncate(run.step)
+    log.info("resumed from %s at step %d", path, run.step)
+
+
+def recover_learners(run: Run) -> None:
+    """A learner rank died: rebuild the group and continue from the newest checkpoint."""
+    cfg = run.cfg
+    run.handles.learners.shutdown()
+    run.handles.learners = LearnerGroup(
+        cfg.learner, cfg.cluster.num_learners, cfg.cluster.learner, cfg.cluster.placement_strategy
+    )
+    ckpts = checkpoint_dirs(run.out)
+    if not ckpts:
+        raise RuntimeError("a learner failed before the first checkpoint; nothing to resume from")
+    restore_checkpoint(run, ckpts[-1])
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def init_ray(cfg: ExperimentConfig) -> bool:
+    """Start a private local cluster or join one. Returns True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "REPIC_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE") if k in os.environ}}
+    if cfg.cluster.address == "local":
+        need = (
+            cfg.cluster.num_rollout_workers * cfg.cluster.rollout.num_cpus
+            + cfg.cluster.num_reward_actors * cfg.cluster.reward.num_cpus
+            + cfg.cluster.num_learners * cfg.cluster.learner.num_cpus
+        )
+        num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
+    else:
+        ray.init(address=cfg.cluster.address, runtime_env=env)
+    return True
+
+
+def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fill derived fields: the rollout engine serves the learner's policy checkpoint."""
+    if not cfg.rollout.model:
+        cfg.rollout.model = resolve_checkpoint(cfg.learner.model)
+    if cfg.learner.lora.enabled != cfg.rollout.enable_lora and cfg.cluster.weight_sync == "lora":
+        raise ValueError("cluster.weight_sync=lora needs learner.lora.enabled and rollout.enable_lora")
+    if (cfg.algo.prompts_per_step * cfg.algo.group_size) % cfg.cluster.num_learners:
+        raise ValueError("prompts_per_step x group_size must split evenly over cluster.num_learners")
+    return cfg
+
+
+def start_run(cfg: ExperimentConfig) -> Run:
+    cfg = prepare_config(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    data = load_run_data(cfg.data)  # validates samples and checks every image before any actor starts
+    processor = load_processor(cfg.rollout.tokenizer or cfg.rollout.model)
+    workers, rollout_pg = create_rollout_workers(cfg)
+    rewards, reward_pg = create_reward_actors(cfg)
+    learners = LearnerGroup(cfg.learner, cfg.cluster.num_learners, cfg.cluster.learner, cfg.cluster.placement_strategy,
+                            cfg.cluster.master_port)
+    handles = Handles(workers, rewards, learners, [rollout_pg, reward_pg])
+    run = Run(cfg, out, data, processor, PromptSampler(data.train, seed=cfg.trainer.seed), handles,
+              MetricsWriter(out, tensorboard=cfg.trainer.tensorboard))
+    if cfg.trainer.resume and checkpoint_dirs(out):
+        restore_checkpoint(run, checkpoint_dirs(out)[-1])
+    return run
+
+
+def fit(run: Run) -> dict[str, Any]:
+    """Evaluate, train `trainer.steps` steps (checkpointing, recovering learners), evaluate."""
+    cfg = run.cfg
+    evals: dict[str, Any] = {}
+    if cfg.trainer.eval_before and run.step == 0 and run.data.eval_splits:
+        evals["before"] = evaluate(run, "before")
+    progress = _progress(cfg, run.step)
+    while run.step < cfg.trainer.steps:
+        try:
+            metrics = training_step(run)
+        except ray.exceptions.RayActorError as exc:
+            if not _is_learner_failure(run, exc):
+                raise
+            log.warning("learner failed (%s); recovering from the last checkpoint", exc)
+            recover_learners(run)
+            continue
+        run.metrics.write(metrics)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}", kl=f"{metrics['train/kl']:.4f}")
+        if cfg.trainer.checkpoint_every and run.step % cfg.trainer.checkpoint_every == 0:
+            save_checkpoint(run)
+        if cfg.trainer.eval_every and run.step % cfg.trainer.eval_every == 0 and run.step < cfg.trainer.steps:
+            evals[f"step_{run.step}"] = evaluate(run, f"step_{run.step}")
+    if progress is not None:
+        progress.close()
+    if run.pending is not None:  # async: drain the rollout launched for a step that will not run
+        ray.get(run.pending[2])
+        run.pending = None
+    if not checkpoint_dirs(run.out) or checkpoint_dirs(run.out)[-1].name != f"step_{run.step:06d}":
+        save_checkpoint(run)
+    if run.data.eval_splits:
+        evals["after"] = evaluate(run, "after")
+    run.metrics.close()
+    return evals
+
+
+def _progress(cfg: ExperimentConfig, start: int):
+    if not cfg.trainer.progress_bar:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.trainer.steps, initial=start, desc="train", unit="step")
+
+
+def _is_learner_failure(run: Run, exc: Exception) -> bool:
+    actor_id = getattr(exc, "actor_id", None)
+    ids = {a._actor_id.hex() for a in run.handles.learners.actors}
+    return actor_id is None or actor_id in ids
+
+
+def shutdown(run: Run) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for a in run.handles.rollout + run.handles.rewards:
+        ray.kill(a)
+    run.handles.learners.shutdown()
+    for pg in run.handles.placement_groups:
+        remove_placement_group(pg)
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run a whole experiment: start (or join) Ray, train, evaluate, write the report."""
+    started = init_ray(cfg)
+    try:
+        run = start_run(cfg)
+        try:
+            evals = fit(run)
+            from repic_ray.pipeline.report import write_report
+
+            write_report(run.out, evals)
+            return evals
+        finally:
+            shutdown(run)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,77 @@
+"""Thin Ray adapters over the core engines.
+
+Each remote method delegates to a plain class from `repic_ray/`; the adapters add
+only what a distributed process needs: healing its own weights after a restart,
+and a pid for fault-injection tests. Actors are created in `actors/roles.py`,
+where `ray.remote(...)` is applied with each role's resources.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from repic_ray.rewards.base import RewardInput, RewardOutput
+from repic_ray.rollout.config import RolloutConfig, SamplingConfig
+from repic_ray.rollout.types import RolloutRequest, RolloutResult
+
+
+@dataclass
+class WeightsRef:
+    """A published policy version: the learner's export, left in the object store.
+
+    `ref` points at `(tensors, peft_config)` for `kind="lora"` or at a full state dict
+    for `kind="full"`. Passing this small record (not the tensors) to every call lets a
+    worker that was restarted on a fresh process fetch the current weights itself.
+    """
+
+    version: int
+    kind: str
+    ref: Any
+
+
+class RolloutWorker:
+    """A vLLM rollout engine that keeps itself at the published policy version."""
+
+    def __init__(self, cfg: RolloutConfig):
+        from repic_ray.rollout.vllm_engine import VLLMRolloutEngine
+
+        self.engine = VLLMRolloutEngine(cfg)
+
+    def generate(
+        self, requests: list[RolloutRequest], sampling: SamplingConfig, weights: WeightsRef | None
+    ) -> list[RolloutResult]:
+        self.sync(weights)
+        return self.engine.generate(requests, sampling)
+
+    def sync(self, weights: WeightsRef | None) -> int:
+        """Load `weights` unless this engine already serves that version."""
+        if weights is not None and weights.version != self.engine.policy_version:
+            payload = ray.get(weights.ref)
+            if weights.kind == "lora":
+                tensors, peft_config = payload
+                self.engine.update_lora(tensors, peft_config, weights.version)
+            else:
+                self.engine.update_full(payload, weights.version)
+        return self.engine.policy_version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RewardActor:
+    """Scores batches of completions with the composite reward (detector loaded once)."""
+
+    def __init__(self, reward_cfg: Any):
+        from repic_ray.rewards import build_reward
+
+        self.reward = build_reward(reward_cfg)
+
+    def score(self, inputs: list[RewardInput]) -> RewardOutput:
+        return self.reward(inputs)
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,235 @@
+"""The experiment configuration: one dataclass tree for `repic train` and `repic sft`.
+
+Sections owned by the core modules (learner, rollout, reward) are composed here
+with the pipeline's own sections (data, algorithm, cluster, trainer, SFT stage).
+YAML recipes under `configs/` override these defaults; see `repic_ray.config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from repic_ray.learner.config import LearnerConfig
+from repic_ray.rewards import RewardConfig
+from repic_ray.rollout.config import RolloutConfig, SamplingConfig
+
+TASKS = ("yes_no", "yes_no_name", "yes_no_name_multi", "iou")
+
+
+@dataclass
+class DataConfig:
+    world_dir: Optional[str] = None
+    """Directory of a synthetic world (`python -m repic_ray.data.synthetic --out DIR`).
+    When None and no real-data paths are given, a world is generated under
+    `$REPIC_CACHE/worlds/` from the `world_*` settings below (cached by them)."""
+    world_seed: int = 0
+    """Seed of the generated synthetic world."""
+    world_num_concepts: int = 8
+    """Concepts in the generated world's database (one user's concepts)."""
+    world_names: Literal["fixed", "per_episode"] = "fixed"
+    """`fixed`: each concept keeps its name across the dataset (the model learns
+    appearance -> name, as MyVLM / Yo'LLaVA personalize). `per_episode`: names are
+    re-drawn per sample and must be read from the reference images (harder)."""
+    world_num_train: int = 400
+    """Training samples in the generated world."""
+    world_num_sft: int = 2000
+    """SFT caption samples in the generated world."""
+    world_num_eval_per_k: int = 30
+    """Evaluation query images per concept count k in the generated world."""
+    train_file: Optional[str] = None
+    """RePIC-format training samples (JSON / JSONL) of a real dataset; overrides the world."""
+    sft_file: Optional[str] = None
+    """SFT samples of a real dataset."""
+    eval_dir: Optional[str] = None
+    """Directory holding `concepts_{k}.json` evaluation splits of a real dataset."""
+    concept_db: Optional[str] = None
+    """Concept database (RAP/RePIC `concept_dict` schema) of a real dataset."""
+    train_tasks: list[str] = field(default_factory=lambda: ["yes_no_name", "yes_no_name_multi"])
+    """Which `accu_reward_method`s of the training file to train on."""
+    eval_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    """Concept counts whose evaluation splits are run."""
+    eval_max_per_k: int = 30
+    """At most this many evaluation images per split (0 = all)."""
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.train_tasks if t not in TASKS]
+        if bad or not self.train_tasks:
+            raise ValueError(f"train_tasks must be a non-empty subset of {list(TASKS)}, got {self.train_tasks}")
+        if any(k < 1 or k > 5 for k in self.eval_ks):
+            raise ValueError(f"eval_ks must be within 1..5, got {self.eval_ks}")
+        for name in ("world_num_concepts", "world_num_train", "world_num_sft", "world_num_eval_per_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class AlgoConfig:
+    estimator: Literal["grpo", "drgrpo", "rloo", "reinforce_pp", "gae"] = "grpo"
+    """Advantage estimator. `grpo`: (r - group mean) / (group std + eps) (RePIC);
+    `drgrpo`: without the std; `rloo`; `reinforce_pp`: batch-normalized;
+    `gae`: PPO with the learner's value head."""
+    group_size: int = 8
+    """Samples (generations) per prompt, G. RePIC: 8."""
+    prompts_per_step: int = 8
+    """Prompts per training step, P; a step trains on P x G sequences."""
+    std_eps: float = 1e-4
+    """Epsilon in the GRPO std normalization (RePIC: 1e-4)."""
+    gamma: float = 1.0
+    """Discount for GAE / REINFORCE++."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_in_reward: bool = False
+    """Fold the KL-to-reference into the token rewards (REINFORCE++/PPO style) instead
+    of the loss (`learner.loss.kl_beta`, GRPO style)."""
+    kl_reward_beta: float = 0.0
+    """Beta of the KL folded into the reward when `kl_in_reward`."""
+    updates_per_batch: int = 1
+    """Optimizer passes over each rollout batch (PPO epochs); 1 = on-policy GRPO."""
+    mode: Literal["sync", "async"] = "sync"
+    """`sync`: generate with the newest weights (RePIC). `async`: one-step off-policy:
+    generation of step t+1 overlaps the update of step t; the importance ratio uses the
+    rollout-time log-probs and staleness is logged."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.prompts_per_step < 1:
+            raise ValueError("group_size and prompts_per_step must be >= 1")
+        if self.estimator in ("grpo", "drgrpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"estimator {self.estimator!r} needs group_size >= 2")
+        if self.updates_per_batch < 1:
+            raise ValueError(f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
+
+
+@dataclass
+class RoleResources:
+    num_cpus: float = 1.0
+    """CPUs reserved per actor of this role."""
+    num_gpus: float = 0.0
+    """GPUs per actor of this role (rollout: times tensor_parallel_size is reserved)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per actor (e.g. `{"rollout_node": 1}` to pin a role to nodes)."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus and num_gpus must be >= 0")
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = "local"
+    """`local` starts a private local cluster; `auto` or `ray://host:port` joins one."""
+    num_cpus: Optional[int] = None
+    """CPUs of the local cluster (None = detected); ignored when joining."""
+    num_rollout_workers: int = 1
+    """vLLM rollout workers, N."""
+    num_reward_actors: int = 1
+    """Reward actors, M."""
+    num_learners: int = 1
+    """DeepSpeed learner ranks, K (data parallel)."""
+    rollout: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=1))
+    """Resources per rollout worker."""
+    reward: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.5))
+    """Resources per reward actor."""
+    learner: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=1))
+    """Resources per learner rank."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Placement-group strategy of each role's bundles."""
+    weight_sync: Literal["lora", "full"] = "lora"
+    """What the learner sends to rollout workers after each update: LoRA tensors (no
+    merge) or merged full weights (through the object store)."""
+    max_actor_restarts: int = 3
+    """Restarts of a rollout worker or reward actor before the run fails."""
+    master_port: int = 0
+    """Port of the learners' process group (0 = pick a free one)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_rollout_workers", "num_reward_actors", "num_learners"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 20
+    """RL training steps."""
+    output_dir: str = "runs/{name}"
+    """Where metrics, checkpoints, evaluation and the report go (`{name}` = experiment name)."""
+    eval_every: int = 0
+    """Evaluate on the held-out splits every N steps (0 = only before and after)."""
+    eval_before: bool = True
+    """Evaluate the starting policy before the first step."""
+    checkpoint_every: int = 10
+    """Save learner + optimizer + driver state every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `output_dir`."""
+    seed: int = 0
+    """Seed of prompt order, sampling and the learner."""
+    tensorboard: bool = True
+    """Write TensorBoard event files beside the JSONL metrics."""
+    progress_bar: bool = True
+    """Show a progress bar on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 0
+    """SFT warm-start steps before RL (0 = start RL from `learner.model` as is)."""
+    batch_size: int = 16
+    """Sequences per SFT step."""
+    lr: float = 1e-3
+    """SFT learning rate (the learner's optimizer, same engine)."""
+    full_finetune: bool = True
+    """Train all language-model weights in SFT (LoRA settings apply to RL only)."""
+    name_token_weight: float = 1.0
+    """Up-weight the cross-entropy of concept-name tokens by this factor."""
+    tasks: list[str] = field(default_factory=lambda: ["caption"])
+    """Which SFT sample kinds to train on (as written in the SFT file's `task`)."""
+    output: Optional[str] = None
+    """Where the SFT checkpoint is written (default `{output_dir}/sft`)."""
+    log_every: int = 50
+    """Log SFT loss every N steps."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("sft: steps >= 0, batch_size >= 1 and lr > 0 required")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "repic"
+    """Experiment name (used in `trainer.output_dir`)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Policy, LoRA, DeepSpeed and loss settings of the learner."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """vLLM engine settings of each rollout worker."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling settings of training rollouts."""
+    eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=1, temperature=0.0))
+    """Sampling settings of evaluation (greedy by default)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward components and weights."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """Advantage estimator and step shape."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray cluster and per-role resources."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Loop length, evaluation, checkpoints, logging."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised warm start (`repic sft`, or a stage of `repic train` when steps > 0)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}")
+
+    @property
+    def output_dir(self) -> str:
+        """Derived: `trainer.output_dir` with `{name}` filled in."""
+        return self.trainer.output_dir.format(name=self.name)

@@ -1,0 +1,138 @@
+"""Episodes: the data side of a training step, without Ray.
+
+`RunData` holds what the driver samples from (training samples, evaluation splits,
+the concept database, the processor that renders prompts). `make_request` turns a
+sample into a rollout request; `reward_inputs` turns its completions into reward
+inputs; `caption_records` writes evaluation outputs in RePIC's result format.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from repic_ray.data.formats import (
+    CaptionRecord,
+    ConceptDatabase,
+    TrainSample,
+    check_images,
+    load_database,
+    load_samples,
+)
+from repic_ray.pipeline.config import DataConfig
+from repic_ray.prompts import build_prompt
+from repic_ray.rewards.base import RewardInput
+from repic_ray.rollout.types import Completion, RolloutRequest
+
+
+@dataclass
+class RunData:
+    """Everything a run draws prompts from."""
+
+    train: list[TrainSample]
+    eval_splits: dict[int, list[TrainSample]]
+    database: Optional[ConceptDatabase]
+    world_dir: Optional[Path] = None
+    sft_path: Optional[Path] = None
+    categories: dict[str, str] = field(default_factory=dict)
+    """Concept name -> category word (detector prompts)."""
+
+    @property
+    def candidates(self) -> list[str] | None:
+        """Every concept name of the database (None without one)."""
+        return sorted(self.categories) or None
+
+
+def world_dir_for(cfg: DataConfig) -> Path:
+    """The generated world for these settings, under `$REPIC_CACHE/worlds/` (created once)."""
+    from repic_ray.data.synthetic import WorldConfig, generate_world
+
+    wc = WorldConfig(
+        seed=cfg.world_seed,
+        num_concepts=cfg.world_num_concepts,
+        names=cfg.world_names,
+        num_train=cfg.world_num_train,
+        num_sft=cfg.world_num_sft,
+        num_eval_per_k=cfg.world_num_eval_per_k,
+    )
+    cache = Path(os.environ.get("REPIC_CACHE", Path.home() / ".cache" / "repic"))
+    key = f"s{wc.seed}-c{wc.num_concepts}-{wc.names}-t{wc.num_train}-f{wc.num_sft}-e{wc.num_eval_per_k}"
+    out = cache / "worlds" / key
+    if not (out / "DONE").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        generate_world(tmp, config=wc)
+        (tmp / "DONE").write_text("ok\n")
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_run_data(cfg: DataConfig) -> RunData:
+    """Load (or generate) the data, validate it, and check every image exists up front."""
+    if cfg.train_file:
+        root = None
+        train_path = Path(cfg.train_file)
+        eval_dir = Path(cfg.eval_dir) if cfg.eval_dir else None
+        db_path = Path(cfg.concept_db) if cfg.concept_db else None
+        sft_path = Path(cfg.sft_file) if cfg.sft_file else None
+    else:
+        root = Path(cfg.world_dir) if cfg.world_dir else world_dir_for(cfg)
+        train_path = root / "train" / "train.jsonl"
+        eval_dir = root / "eval"
+        db_path = root / "concepts" / "database.json"
+        sft_path = root / "sft.jsonl"
+    train = [s for s in load_samples(train_path) if s.accu_reward_method in cfg.train_tasks]
+    if not train:
+        raise ValueError(f"{train_path}: no samples of tasks {cfg.train_tasks}")
+    splits: dict[int, list[TrainSample]] = {}
+    if eval_dir is not None:
+        for k in cfg.eval_ks:
+            path = eval_dir / f"concepts_{k}.json"
+            if path.exists():
+                split = load_samples(path)
+                splits[k] = split[: cfg.eval_max_per_k] if cfg.eval_max_per_k else split
+    database = load_database(db_path) if db_path and db_path.exists() else None
+    check_images(database=database, samples=train + [s for split in splits.values() for s in split])
+    categories = {c.name: c.category for c in database} if database else {}
+    return RunData(train, splits, database, root, sft_path, categories)
+
+
+def make_request(uid: str, sample: TrainSample, processor: Any, seed: int, n: int | None = None):
+    """(RolloutRequest, rendered prompt) of one sample; the random prompt suffix is seeded by uid."""
+    prompt = build_prompt(sample, processor, rng=random.Random(f"{seed}:{uid}"))
+    return RolloutRequest(uid=uid, prompt_text=prompt.text, image_paths=list(prompt.image_paths), n=n), prompt
+
+
+def reward_inputs(sample: TrainSample, completions: list[Completion], categories: dict[str, str]) -> list[RewardInput]:
+    """One `RewardInput` per completion of `sample`."""
+    present = list(sample.concepts or [])
+    candidates = list(sample.ref_names or present)
+    cats = {n: categories[n] for n in set(present) | set(candidates) if n in categories}
+    return [
+        RewardInput(
+            completion=c.text,
+            task=sample.accu_reward_method,
+            solution=sample.solution,
+            image_path=sample.query_image,
+            concept_names=present,
+            candidate_names=candidates,
+            categories=cats,
+            reference_captions=list(sample.reference_captions or []),
+        )
+        for c in completions
+    ]
+
+
+def caption_records(samples: list[TrainSample], texts: list[str], prompts: list[str]) -> list[CaptionRecord]:
+    """Evaluation outputs in RePIC's result format `[image_path, [concepts], caption, prompt]`."""
+    return [
+        CaptionRecord(image=s.query_image, concepts=list(s.concepts or []), caption=t, prompt=p)
+        for s, t, p in zip(samples, texts, prompts)
+    ]

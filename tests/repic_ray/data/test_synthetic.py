@@ -14,7 +14,7 @@ from repic_ray.data.images import load_image
 from repic_ray.data.synthetic import GRID, WorldConfig, generate_world, main
 from repic_ray.data.vocab import all_words
 
-SMALL = dict(num_train=24, num_sft=30, num_eval_per_k=5)
+SMALL = {"num_train": 24, "num_sft": 30, "num_eval_per_k": 5}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ unavailable, with the reason, instead of failing the evaluation.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -79,7 +80,7 @@ def caption_metrics(
                 from pycocoevalcap.spice.spice import Spice
 
                 out.scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
-            except Exception as exc:  # SPICE's Java side fails in many environment-specific ways
+            except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
                 out.unavailable["SPICE"] = f"SPICE failed: {exc}"
         else:
             out.unavailable["SPICE"] = reason

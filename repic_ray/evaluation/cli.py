@@ -34,13 +34,15 @@ def load_references(path: str | Path) -> dict[str, list[str]]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: cannot read references: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: must be a JSON object {{image: [captions]}}")
+        raise ValueError(f"{path}: must be a JSON object {{image: [captions]}}")  # noqa: TRY004
     out = {}
     for image, refs in data.items():
         if isinstance(refs, str):
             refs = [refs]
         if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-            raise ValueError(f"{path}: image {image!r}: expected a non-empty list of caption strings")
+            raise ValueError(
+                f"{path}: image {image!r}: expected a non-empty list of caption strings"
+            )
         out[image] = refs
     return out
 
@@ -73,7 +75,9 @@ def format_text(path: str, ev: NameEvaluation, caption: dict | None = None) -> s
     lines.append(f"{'concepts':<9} {'P':>6} {'R':>6} {'F1':>6} {'slots':>6}")
     rows = [("all", ev.overall)] + [(str(k), m) for k, m in sorted(ev.by_k.items())]
     for label, m in rows:
-        lines.append(f"{label:<9} {_pct(m.precision):>6} {_pct(m.recall):>6} {_pct(m.f1):>6} {m.slots:>6}")
+        lines.append(
+            f"{label:<9} {_pct(m.precision):>6} {_pct(m.recall):>6} {_pct(m.f1):>6} {m.slots:>6}"
+        )
     if caption is not None:
         for name, value in caption["scores"].items():
             lines.append(f"{name:<9} {_pct(value):>6}")
@@ -85,10 +89,18 @@ def format_text(path: str, ev: NameEvaluation, caption: dict | None = None) -> s
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="repic eval", description=__doc__.split("\n")[0])
     p.add_argument("--captions", required=True, help="RePIC caption result file (JSON)")
-    p.add_argument("--mode", choices=["default", "compat"], default="default",
-                   help="name matching: default (whole-word phrases) or compat (RePIC's scripts)")
-    p.add_argument("--references", help="reference captions {image: [captions]} for caption metrics")
-    p.add_argument("--candidates", help="JSON list of candidate names (default: all ground-truth names)")
+    p.add_argument(
+        "--mode",
+        choices=["default", "compat"],
+        default="default",
+        help="name matching: default (whole-word phrases) or compat (RePIC's scripts)",
+    )
+    p.add_argument(
+        "--references", help="reference captions {image: [captions]} for caption metrics"
+    )
+    p.add_argument(
+        "--candidates", help="JSON list of candidate names (default: all ground-truth names)"
+    )
     case = p.add_mutually_exclusive_group()
     case.add_argument("--case-sensitive", dest="case_sensitive", action="store_true", default=None)
     case.add_argument("--ignore-case", dest="case_sensitive", action="store_false")

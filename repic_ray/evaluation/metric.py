@@ -128,7 +128,9 @@ def evaluate_names(
     if mode not in MODES:
         raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
     if len(captions) != len(gt_lists):
-        raise ValueError(f"captions ({len(captions)}) and gt_lists ({len(gt_lists)}) differ in length")
+        raise ValueError(
+            f"captions ({len(captions)}) and gt_lists ({len(gt_lists)}) differ in length"
+        )
     for i, gt in enumerate(gt_lists):
         if not gt:
             raise ValueError(f"record {i}: empty ground-truth concept list")

@@ -37,7 +37,9 @@ def markdown_table(evals: Mapping[str, NameEvaluation]) -> str:
     return "\n".join(lines)
 
 
-def plot_by_k(evals: Mapping[str, NameEvaluation], out_path: str | Path, metric: str = "recall") -> Path:
+def plot_by_k(
+    evals: Mapping[str, NameEvaluation], out_path: str | Path, metric: str = "recall"
+) -> Path:
     """Line plot of `metric` (recall / precision / f1, percent) against number of concepts per method."""
     import matplotlib
 
@@ -82,8 +84,13 @@ def write_report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="repic report", description=__doc__.split("\n")[0])
-    p.add_argument("--method", action="append", required=True, metavar="NAME=FILE",
-                   help="a method and its caption result file; repeat per method")
+    p.add_argument(
+        "--method",
+        action="append",
+        required=True,
+        metavar="NAME=FILE",
+        help="a method and its caption result file; repeat per method",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", choices=["default", "compat"], default="default")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

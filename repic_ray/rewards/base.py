@@ -46,7 +46,7 @@ class RewardInput:
 
     def __post_init__(self) -> None:
         if not isinstance(self.completion, str):
-            raise ValueError(f"completion: expected str, got {type(self.completion).__name__}")
+            raise TypeError(f"completion: expected str, got {type(self.completion).__name__}")
         if self.task not in TASKS:
             raise ValueError(f"task: must be one of {TASKS}, got {self.task!r}")
         for name in ("concept_names", "candidate_names", "reference_captions"):
@@ -54,7 +54,9 @@ class RewardInput:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{name}: expected a list of str, got {value!r}")
         if not isinstance(self.categories, dict):
-            raise ValueError(f"categories: expected a dict name -> category, got {self.categories!r}")
+            raise TypeError(
+                f"categories: expected a dict name -> category, got {self.categories!r}"
+            )
 
 
 @dataclass

@@ -47,7 +47,7 @@ def simple_tokenize(text: str) -> str:
     "bo's" -> "bo 's", punctuation removed).
     """
     tokens = _TOKEN_RE.findall(text.lower())
-    return " ".join(t for t in tokens if t not in _PTB_PUNCT and t.strip("()[]{}\"<>"))
+    return " ".join(t for t in tokens if t not in _PTB_PUNCT and t.strip('()[]{}"<>'))
 
 
 def _ngrams(sentence: str, n: int) -> dict[tuple[str, ...], int]:
@@ -99,7 +99,7 @@ class CiderD:
         return cls(load_reference_corpus(path), **kwargs)
 
     def _vec(self, counts: Mapping[tuple[str, ...], int]):
-        vec = [dict() for _ in range(self.n)]
+        vec: list[dict] = [{} for _ in range(self.n)]
         norm = [0.0] * self.n
         length = 0
         for gram, tf in counts.items():
@@ -187,7 +187,13 @@ class CaptionRewardConfig:
     """Penalty times the fraction of repeated n-grams (0 disables)."""
 
     def __post_init__(self) -> None:
-        for name in ("min_words", "max_words", "length_penalty", "repetition_penalty", "cider_weight"):
+        for name in (
+            "min_words",
+            "max_words",
+            "length_penalty",
+            "repetition_penalty",
+            "cider_weight",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.max_words and self.min_words > self.max_words:
@@ -245,7 +251,9 @@ class CaptionReward:
                 cider_B[i] = self.cider.score(x.completion, x.reference_captions)
             len_B[i] = self.length_penalty(x.completion)
             if cfg.repetition_penalty:
-                rep_B[i] = cfg.repetition_penalty * repetition_fraction(x.completion, cfg.repetition_ngram)
+                rep_B[i] = cfg.repetition_penalty * repetition_fraction(
+                    x.completion, cfg.repetition_ngram
+                )
         reward_B = cfg.cider_weight * cider_B - len_B - rep_B
         return RewardOutput(
             reward_B,

@@ -111,9 +111,13 @@ def build_reward(
         parts.append(("name", cfg.name_weight, NameReward(cfg.name, tasks)))
     if cfg.detector_weight > 0:
         model, processor = detector if detector is not None else (None, None)
-        parts.append(("detector", cfg.detector_weight, DetectorReward(cfg.detector, model, processor, tasks)))
+        parts.append(
+            ("detector", cfg.detector_weight, DetectorReward(cfg.detector, model, processor, tasks))
+        )
     if cfg.caption_weight > 0:
-        parts.append(("caption", cfg.caption_weight, CaptionReward(cfg.caption, reference_corpus, tasks)))
+        parts.append(
+            ("caption", cfg.caption_weight, CaptionReward(cfg.caption, reference_corpus, tasks))
+        )
     if not parts:
         raise ValueError("RewardConfig: every weight is 0; set at least one *_weight > 0")
     return CompositeReward(parts)

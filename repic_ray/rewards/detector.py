@@ -65,7 +65,9 @@ class DetectorRewardConfig:
         if self.text_threshold < 0:
             raise ValueError(f"text_threshold: must be >= 0, got {self.text_threshold}")
         if "{category}" not in self.prompt_template:
-            raise ValueError(f"prompt_template: must contain '{{category}}', got {self.prompt_template!r}")
+            raise ValueError(
+                f"prompt_template: must contain '{{category}}', got {self.prompt_template!r}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.match_mode not in MODES:
@@ -88,7 +90,9 @@ def _category(x: RewardInput, name: str, index: int) -> str:
     for other, category in x.categories.items():
         if name_key(other) == key:
             return category
-    raise ValueError(f"sample {index} ({x.image_path}): categories has no entry for concept {name!r}")
+    raise ValueError(
+        f"sample {index} ({x.image_path}): categories has no entry for concept {name!r}"
+    )
 
 
 class DetectorReward:
@@ -145,16 +149,26 @@ class DetectorReward:
             ids = enc["input_ids"]
             L = min(ids.shape[1], probs.shape[-1])
             probs, ids = probs[..., :L], ids[:, :L]
-            valid = enc["attention_mask"][:, :L].bool() if "attention_mask" in enc else torch.ones_like(ids).bool()
+            valid = (
+                enc["attention_mask"][:, :L].bool()
+                if "attention_mask" in enc
+                else torch.ones_like(ids).bool()
+            )
             box_score = probs.masked_fill(~valid[:, None, :], 0.0).amax(-1)  # (N, queries)
             for row, (path, category) in enumerate(chunk):
                 cat_ids = tokenizer(category, add_special_tokens=False)["input_ids"]
-                cat_mask = valid[row] & torch.isin(ids[row], torch.tensor(cat_ids, device=ids.device))
+                cat_mask = valid[row] & torch.isin(
+                    ids[row], torch.tensor(cat_ids, device=ids.device)
+                )
                 if not bool(cat_mask.any()):
-                    raise ValueError(f"category {category!r}: no token of it in prompt {texts[row]!r}")
+                    raise ValueError(
+                        f"category {category!r}: no token of it in prompt {texts[row]!r}"
+                    )
                 text_score = probs[row][:, cat_mask].amax(-1)  # (queries,)
                 passing = box_score[row] >= cfg.box_threshold
-                out[(path, category)] = float(text_score[passing].max()) if bool(passing.any()) else float("-inf")
+                out[(path, category)] = (
+                    float(text_score[passing].max()) if bool(passing.any()) else float("-inf")
+                )
         return out
 
     def __call__(self, batch: Sequence[RewardInput]) -> RewardOutput:

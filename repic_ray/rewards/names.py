@@ -109,5 +109,10 @@ class NameReward:
             reward_B[i], prec_B[i], rec_B[i], wrong_B[i] = reward, precision, recall, wrong
         return RewardOutput(
             reward_B,
-            {"name": reward_B.copy(), "name/precision": prec_B, "name/recall": rec_B, "name/wrong": wrong_B},
+            {
+                "name": reward_B.copy(),
+                "name/precision": prec_B,
+                "name/recall": rec_B,
+                "name/wrong": wrong_B,
+            },
         )

@@ -130,7 +130,9 @@ def _box_solution(solution: object, index: int) -> list[float]:
         try:
             solution = json.loads(solution)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"sample {index}: iou solution {solution!r} is not a JSON box") from exc
+            raise ValueError(
+                f"sample {index}: iou solution {solution!r} is not a JSON box"
+            ) from exc
     if (
         not isinstance(solution, (list, tuple))
         or len(solution) != 4
@@ -145,7 +147,9 @@ def _names_solution(solution: object, index: int, task: str) -> list[str]:
         return [solution]
     if isinstance(solution, (list, tuple)) and all(isinstance(s, str) for s in solution):
         return list(solution)
-    raise ValueError(f"sample {index}: {task} solution must be a name or list of names, got {solution!r}")
+    raise ValueError(
+        f"sample {index}: {task} solution must be a name or list of names, got {solution!r}"
+    )
 
 
 class VerifiableReward:
@@ -164,7 +168,9 @@ class VerifiableReward:
             return 0.0
         if x.task == "yes_no":
             if not isinstance(x.solution, str):
-                raise ValueError(f"sample {index}: yes_no solution must be a str, got {x.solution!r}")
+                raise ValueError(
+                    f"sample {index}: yes_no solution must be a str, got {x.solution!r}"
+                )
             return yes_no_reward(x.completion, x.solution)
         if x.task == "iou":
             return iou_reward(x.completion, _box_solution(x.solution, index), cfg.iou_threshold)

@@ -11,7 +11,10 @@ def test_metrics_offline_and_spice_reported():
         "1": ["a black cat sleeps on the red sofa"],
     }
     # Both captions equal a reference (after PTB tokenization: lower case, no period).
-    caps = {"0": "A brown dog runs across the green grass.", "1": "A black cat sleeps on the red sofa."}
+    caps = {
+        "0": "A brown dog runs across the green grass.",
+        "1": "A black cat sleeps on the red sofa.",
+    }
     out = caption_metrics(caps, refs)
     # Every n-gram of each caption appears in a reference and lengths match a reference
     # exactly (brevity penalty 1) -> BLEU-4 = 1; the LCS is the whole caption -> ROUGE-L = 1.

@@ -40,7 +40,9 @@ def test_default_mode_mixed_file():
     # k=1: slots 2, hit 1, MISS 1 -> P = R = F1 = 0.5.
     assert (ev.by_k[1].precision, ev.by_k[1].recall) == pytest.approx((0.5, 0.5))
     # k=2: slots 4, hits 2, MISS 0 -> P 1, R 0.5, F1 2/3.
-    assert (ev.by_k[2].precision, ev.by_k[2].recall, ev.by_k[2].f1) == pytest.approx((1.0, 0.5, 2 / 3))
+    assert (ev.by_k[2].precision, ev.by_k[2].recall, ev.by_k[2].f1) == pytest.approx(
+        (1.0, 0.5, 2 / 3)
+    )
 
 
 def test_compat_mode_mixed_file_is_lower_cased_whitespace_tokens():

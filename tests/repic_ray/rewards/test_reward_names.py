@@ -35,7 +35,11 @@ def test_f1_reward_hand_values():
 
 def test_recall_minus_wrong_naming_everyone_does_not_pay():
     cfg = NameRewardConfig(mode="recall_minus_wrong", wrong_penalty=1.0)
-    batch = [_x("Bo plays.", ["<Bo>"]), _x("Bo, Anya and Q play.", ["<Bo>"]), _x("A dog.", ["<Bo>"])]
+    batch = [
+        _x("Bo plays.", ["<Bo>"]),
+        _x("Bo, Anya and Q play.", ["<Bo>"]),
+        _x("A dog.", ["<Bo>"]),
+    ]
     out = NameReward(cfg)(batch)
     # right only: 1 - 0 = 1; all three: 1 - 1*2/1 = -1; nothing: 0 - 0 = 0.
     np.testing.assert_allclose(out.rewards_B, [1.0, -1.0, 0.0])

@@ -38,7 +38,9 @@ def test_box_iou_repic_formula():
 
 
 def test_iou_reward_parses_first_box_in_json():
-    out = '```json\n[{"bbox_2d": [0, 0, 10, 10], "label": "Bo"}, {"bbox_2d": [50, 50, 60, 60]}]\n```'
+    out = (
+        '```json\n[{"bbox_2d": [0, 0, 10, 10], "label": "Bo"}, {"bbox_2d": [50, 50, 60, 60]}]\n```'
+    )
     assert parse_first_box(out) == [0, 0, 10, 10]
     assert iou_reward(out, [0, 0, 10, 10]) == 1.0
     # [2,0,10,10] vs gt [0,0,10,10]: inter x 2..9 = 8 wide, 10 tall = 80; union = 80+100-80 = 100
@@ -97,7 +99,10 @@ def test_min_chars_is_configurable():
 def test_bad_solutions_raise_naming_the_sample():
     with pytest.raises(ValueError, match="sample 1: iou solution"):
         VerifiableReward()(
-            [RewardInput("yes", task="yes_no", solution="yes"), RewardInput("[1,2,3,4]", task="iou", solution=[1, 2])]
+            [
+                RewardInput("yes", task="yes_no", solution="yes"),
+                RewardInput("[1,2,3,4]", task="iou", solution=[1, 2]),
+            ]
         )
     with pytest.raises(ValueError, match="task"):
         RewardInput("x", task="vqa")

@@ -22,7 +22,8 @@ categories are visible. Everything is written in the real formats
     world.json                 settings and the concepts' appearance
     concepts/database.json     concept database (+ one 28x28 reference PNG per concept)
     train/train.jsonl          RePIC samples: yes_no, yes_no_name, yes_no_name_multi, iou
-    sft.jsonl                  caption samples with `target`, mostly one concept
+    sft.jsonl                  samples with `target`: captions (mostly one concept), then
+                               auxiliary yes/no and box questions (field `task` says which)
     eval/concepts_{k}.json     exactly k concepts per query, >= 3 reference captions each
     images/...                 query PNGs
     contact_sheet.png          references and sample queries with boxes, for a human
@@ -88,7 +89,11 @@ class WorldConfig:
     num_sft: int = 800
     """SFT caption samples."""
     sft_single_fraction: float = 0.8
-    """Fraction of SFT samples whose query holds exactly one concept."""
+    """Fraction of SFT caption samples whose query holds exactly one concept."""
+    num_sft_aux: int = 100
+    """Auxiliary SFT samples appended to sft.jsonl, half "Is <Bo> in this image?" (yes/no),
+    half "Where is <Bo>?" (box); each SFT record names its kind in `task`
+    ("caption", "yes_no", "iou")."""
     num_eval_per_k: int = 24
     """Evaluation queries per concept count k (files eval/concepts_{k}.json)."""
     max_concepts_per_image: int = 5
@@ -111,7 +116,7 @@ class WorldConfig:
         max_concepts = min(len(NAMES), len(SHAPES) * len(COLOURS) * len(PATTERNS))
         if not 2 <= self.num_concepts <= max_concepts:
             raise ValueError(f"num_concepts: must be in [2, {max_concepts}], got {self.num_concepts}")
-        for name in ("num_train", "num_sft", "num_eval_per_k"):
+        for name in ("num_train", "num_sft", "num_sft_aux", "num_eval_per_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.sft_single_fraction <= 1.0:
@@ -621,6 +626,11 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
         single = w.rng.random() < cfg.sft_single_fraction or cfg.max_k < 2
         k = 1 if single else w.rng.randint(2, cfg.max_k)
         sft.append(w.caption_sample(k, img_dir / "sft" / f"{i:05d}.png"))
+        sft[-1].extra["task"] = "caption"
+    for i in range(cfg.num_sft, cfg.num_sft + cfg.num_sft_aux):
+        query = img_dir / "sft" / f"{i:05d}.png"
+        sft.append(w.yes_no_sample(query) if i % 2 == 0 else w.iou_sample(query))
+        sft[-1].extra["task"] = sft[-1].accu_reward_method
     save_samples(sft, paths.sft)
 
     # Evaluation: exactly k concepts per query, several reference captions each.

@@ -151,8 +151,15 @@ def test_sft_is_mostly_single_concept_with_targets():
     # Larger set so the fraction is meaningful; only the SFT split is generated.
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        paths = generate_world(d, seed=1, num_train=0, num_sft=200, num_eval_per_k=0)
+        paths = generate_world(d, seed=1, num_train=0, num_sft=200, num_sft_aux=10,
+                               num_eval_per_k=0)
         sft = load_samples(paths.sft)
+    aux = sft[200:]
+    assert [s.extra["task"] for s in aux] == ["yes_no", "iou"] * 5
+    assert all(s.target == s.solution for s in aux if s.accu_reward_method == "yes_no")
+    assert all(json.loads(s.target) == s.solution for s in aux if s.accu_reward_method == "iou")
+    sft = sft[:200]
+    assert all(s.extra["task"] == "caption" for s in sft)
     single = sum(len(s.concepts) == 1 for s in sft) / len(sft)
     assert 0.7 <= single <= 0.9
     assert all(s.target and len(s.target) >= 100 for s in sft)

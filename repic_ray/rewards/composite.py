@@ -22,7 +22,7 @@ import numpy as np
 
 from repic_ray.rewards.base import CAPTION_TASKS, TASKS, Reward, RewardInput, RewardOutput
 from repic_ray.rewards.caption import CaptionReward, CaptionRewardConfig
-from repic_ray.rewards.detector import DetectorReward, DetectorRewardConfig
+from repic_ray.rewards.detector import DetectorReward, DetectorRewardConfig, unpack_detector
 from repic_ray.rewards.names import NameReward, NameRewardConfig
 from repic_ray.rewards.verifiable import VerifiableConfig, VerifiableReward
 
@@ -100,8 +100,8 @@ def build_reward(
         cfg: reward settings.
         reference_corpus: one list of reference captions per image, fixing CIDEr-D's
             document frequencies (instead of `cfg.caption.references_path`).
-        detector: an already loaded (model, processor) pair (instead of loading
-            `cfg.detector.checkpoint`).
+        detector: an already loaded detector, the model and processor pair as
+            `load_detector` returns it (instead of loading `cfg.detector.checkpoint`).
     """
     tasks = cfg.caption_tasks
     parts: list[tuple[str, float, Reward]] = []
@@ -110,7 +110,7 @@ def build_reward(
     if cfg.name_weight > 0:
         parts.append(("name", cfg.name_weight, NameReward(cfg.name, tasks)))
     if cfg.detector_weight > 0:
-        model, processor = detector if detector is not None else (None, None)
+        model, processor = unpack_detector(detector) if detector is not None else (None, None)
         parts.append(
             ("detector", cfg.detector_weight, DetectorReward(cfg.detector, model, processor, tasks))
         )

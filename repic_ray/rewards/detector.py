@@ -74,12 +74,12 @@ class DetectorRewardConfig:
             raise ValueError(f"match_mode: must be one of {MODES}, got {self.match_mode!r}")
 
 
-def _unpack_detector(loaded: Any) -> tuple[Any, Any]:
-    if isinstance(loaded, tuple) and len(loaded) == 2:
-        return loaded
-    if hasattr(loaded, "model") and hasattr(loaded, "processor"):
-        return loaded.model, loaded.processor
-    raise TypeError(f"load_detector returned {type(loaded).__name__}; expected (model, processor)")
+def unpack_detector(loaded: Any) -> tuple[Any, Any]:
+    """(model, processor) from `load_detector`'s pair, whichever order it comes in."""
+    if isinstance(loaded, (tuple, list)) and len(loaded) == 2:
+        a, b = loaded
+        return (a, b) if isinstance(a, torch.nn.Module) else (b, a)
+    raise TypeError(f"expected a (model, processor) pair, got {type(loaded).__name__}")
 
 
 def _category(x: RewardInput, name: str, index: int) -> str:
@@ -114,7 +114,7 @@ class DetectorReward:
         if model is None or processor is None:
             from repic_ray.models.loading import load_detector
 
-            model, processor = _unpack_detector(load_detector(self.cfg.checkpoint))
+            model, processor = unpack_detector(load_detector(self.cfg.checkpoint))
         self.model = model.to(self.cfg.device).eval()
         self.processor = processor
         self._images: dict[str, Any] = {}

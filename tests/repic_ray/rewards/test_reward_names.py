@@ -59,3 +59,19 @@ def test_config_validation():
         NameRewardConfig(mode="precision")
     with pytest.raises(ValueError, match="wrong_penalty"):
         NameRewardConfig(wrong_penalty=-1)
+
+
+def test_recall_agrees_with_the_evaluation_metric():
+    # Reward and metric share the matcher: per caption, the reward's recall equals the
+    # metric's hits / slots with the same candidates.
+    from repic_ray.evaluation.metric import evaluate_names
+
+    rows = [
+        ("Bo's ball.", ["<Bo>"]),
+        ("Captain America, <anya>.", ["<Anya>", "<Bo>"]),
+        ("Q alone.", ["<Q>", "<Bo>"]),
+        ("Nobody here.", ["<Bo>"]),
+    ]
+    out = NameReward()([_x(c, g) for c, g in rows])
+    for (caption, gt), recall in zip(rows, out.components["name/recall"]):
+        assert evaluate_names([caption], [gt], candidates=REFS).overall.recall == recall

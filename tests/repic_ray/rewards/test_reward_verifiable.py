@@ -15,7 +15,7 @@ from repic_ray.rewards.verifiable import (
     yes_no_reward,
 )
 
-PAD = " and the scene around is a sunny park with green trees and a long bench." * 2  # 148 chars
+PAD = " and the scene around is a sunny park with green trees and a long bench." * 2  # 144 chars
 
 
 def test_yes_no_first_substring_wins():

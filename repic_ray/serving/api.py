@@ -342,7 +342,7 @@ class LocalBackend:
     single-process server). Model calls run in a worker thread so the event loop
     keeps serving."""
 
-    def __init__(self, retriever, captioner):  # noqa: ANN001 - duck-typed models
+    def __init__(self, retriever, captioner):
         self.retriever = retriever
         self.captioner = captioner
         self._lock = asyncio.Lock()

@@ -7,9 +7,8 @@ Two engines with one interface, `caption(query_bytes, concepts) -> CaptionResult
 - `HFCaptioner`: transformers `generate`, one request at a time; the baseline of
   `bench/bench_serving.py` and the in-process engine of the API tests.
 
-Both build the same prompt: each concept's reference image(s), each followed by
-its name and description, then the query image and the instruction (images come
-before the text they are about, as in RePIC's multi-image prompts).
+Both build the same prompt (`repic_ray.prompts.caption_prompt`): each reference
+image followed by its concept's name, then the query image and the question.
 """
 
 from __future__ import annotations
@@ -23,10 +22,13 @@ from pathlib import Path
 from PIL import Image
 
 from repic_ray.data.images import image_from_bytes
+from repic_ray.models.loading import (
+    load_processor,
+    resolve_checkpoint,
+    vision_special_token_ids,
+)
+from repic_ray.prompts import NAME_SUFFIX, caption_prompt
 from repic_ray.serving.types import CaptionResult, ReferenceConcept
-
-INSTRUCTION = "Give a personalized caption of the last image."
-NO_CONCEPT_INSTRUCTION = "Give a caption of the image."
 
 
 @dataclass
@@ -67,17 +69,6 @@ class CaptionerConfig:
             raise ValueError(f"captioner.dtype: unknown dtype {self.dtype!r}")
 
 
-def resolve_model_path(spec: str) -> str:
-    """`tiny:qwen2.5-vl` -> the cached tiny checkpoint; anything else unchanged."""
-    if spec == "tiny:qwen2.5-vl":
-        from repic_ray.models.tiny import build_tiny_qwen2_5_vl
-
-        return str(build_tiny_qwen2_5_vl())
-    if spec.startswith("tiny:"):
-        raise ValueError(f"captioner.checkpoint: unknown tiny model {spec!r}")
-    return spec
-
-
 def model_version(config: CaptionerConfig) -> str:
     if config.model_version:
         return config.model_version
@@ -90,20 +81,14 @@ def model_version(config: CaptionerConfig) -> str:
     return version
 
 
-def caption_messages(concepts: list[ReferenceConcept]) -> list[dict]:
-    """Chat messages for one caption: reference images with their names, then the query."""
-    content: list[dict] = []
-    for c in concepts:
-        for _ in c.images:
-            content.append({"type": "image"})
-        desc = f"<{c.name}> is a {c.category}" + (f": {c.info}" if c.info else "") + "."
-        content.append({"type": "text", "text": f"{desc}\n"})
-    content.append({"type": "image"})
-    text = INSTRUCTION if concepts else NO_CONCEPT_INSTRUCTION
-    if concepts:
-        text += " Output the final answer including its name."
-    content.append({"type": "text", "text": text})
-    return [{"role": "user", "content": content}]
+def caption_text(concepts: list[ReferenceConcept], processor) -> str:
+    """The rendered RePIC prompt: every reference image followed by "This is <name>.",
+    then the query image and the caption question (`repic_ray.prompts`, the same
+    layout the model was trained on). Images are placeholders here; the engines get
+    the decoded images in the same order from `prompt_images`."""
+    refs = [(f"{c.name}#{i}", c.name) for c in concepts for i in range(len(c.images))]
+    suffix = NAME_SUFFIX if concepts else ""
+    return caption_prompt("query", refs, processor, suffix=suffix).text
 
 
 def prompt_images(query: bytes, concepts: list[ReferenceConcept], max_pixels: int
@@ -123,30 +108,18 @@ def _fit(img: Image.Image, max_pixels: int) -> Image.Image:
     return img.resize((max(28, int(w * scale)), max(28, int(h * scale))), Image.BICUBIC)
 
 
-def _blocked_token_ids(tokenizer) -> list[int]:  # noqa: ANN001
-    """Vision special tokens, which a random or lightly trained model may sample."""
-    ids = []
-    for tok in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>",
-                "<|vision_pad|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
-            ids.append(tid)
-    return ids
-
-
 class VLLMCaptioner:
     """Captions with vLLM's async engine (continuous batching across requests)."""
 
     def __init__(self, config: CaptionerConfig):
-        from transformers import AutoProcessor
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.config = config
-        self.path = resolve_model_path(config.checkpoint)
+        self.path = resolve_checkpoint(config.checkpoint)
         self.version = model_version(config)
-        self.processor = AutoProcessor.from_pretrained(self.path)
-        self.blocked = _blocked_token_ids(self.processor.tokenizer)
+        self.processor = load_processor(self.path)
+        self.blocked = vision_special_token_ids(self.processor)
         args = AsyncEngineArgs(
             model=self.path,
             dtype=config.dtype,
@@ -170,8 +143,7 @@ class VLLMCaptioner:
         from vllm import SamplingParams
 
         images = prompt_images(query, concepts, self.config.image_max_pixels)
-        text = self.processor.apply_chat_template(
-            caption_messages(concepts), tokenize=False, add_generation_prompt=True)
+        text = caption_text(concepts, self.processor)
         params = SamplingParams(
             temperature=0.0, max_tokens=self.config.max_new_tokens,
             logit_bias={t: -100.0 for t in self.blocked},
@@ -193,12 +165,12 @@ class HFCaptioner:
 
     def __init__(self, config: CaptionerConfig):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         self.config = config
-        self.path = resolve_model_path(config.checkpoint)
+        self.path = resolve_checkpoint(config.checkpoint)
         self.version = model_version(config)
-        self.processor = AutoProcessor.from_pretrained(self.path)
+        self.processor = load_processor(self.path)
         self.processor.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(
             self.path, dtype=getattr(torch, config.dtype))
@@ -207,15 +179,14 @@ class HFCaptioner:
 
             model = PeftModel.from_pretrained(model, config.adapter)
         self.model = model.eval()
-        self.blocked = _blocked_token_ids(self.processor.tokenizer)
+        self.blocked = vision_special_token_ids(self.processor)
         self._lock = threading.Lock()
 
     def caption(self, query: bytes, concepts: list[ReferenceConcept]) -> CaptionResult:
         import torch
 
         images = prompt_images(query, concepts, self.config.image_max_pixels)
-        text = self.processor.apply_chat_template(
-            caption_messages(concepts), tokenize=False, add_generation_prompt=True)
+        text = caption_text(concepts, self.processor)
         inputs = self.processor(text=[text], images=images, return_tensors="pt")
         with self._lock, torch.no_grad():
             base = getattr(self.model, "base_model", self.model)

@@ -51,10 +51,10 @@ class RetrieverConfig:
             raise ValueError(f"retriever.cache_size: must be >= 1, got {self.cache_size}")
 
 
-def _pair(loaded: Any) -> tuple[Any, Any]:
-    if isinstance(loaded, tuple) and len(loaded) == 2:
-        return loaded
-    return loaded.model, loaded.processor
+def _model_and_processor(loaded: tuple[Any, Any]) -> tuple[Any, Any]:
+    """`load_detector`/`load_clip` return `(processor, model)`; order them by kind."""
+    a, b = loaded
+    return (a, b) if isinstance(a, torch.nn.Module) else (b, a)
 
 
 def _embeddings(out: Any) -> torch.Tensor:
@@ -78,11 +78,11 @@ class ConceptRetriever:
         if detector is None or detector_processor is None:
             from repic_ray.models.loading import load_detector
 
-            detector, detector_processor = _pair(load_detector(config.detector))
+            detector, detector_processor = _model_and_processor(load_detector(config.detector))
         if clip is None or clip_processor is None:
             from repic_ray.models.loading import load_clip
 
-            clip, clip_processor = _pair(load_clip(config.clip))
+            clip, clip_processor = _model_and_processor(load_clip(config.clip))
         self.detector = detector.eval()
         self.detector_processor = detector_processor
         self.clip = clip.eval()
@@ -159,7 +159,7 @@ class ConceptRetriever:
             detections = self.detect(image, [c.category for c in concepts])
             w, h = image.size
             crops = [([0.0, 0.0, float(w), float(h)], 0.0), *detections]
-            crop_emb_CD = self.embed([image.crop(tuple(int(round(v)) for v in box))
+            crop_emb_CD = self.embed([image.crop(tuple(round(v) for v in box))
                                       for box, _ in crops])
             matches = []
             for concept in concepts:

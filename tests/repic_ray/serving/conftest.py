@@ -26,7 +26,7 @@ def _pg_bindir() -> Path | None:
 
 
 def _run(cmd: list[str]) -> None:
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}")
 
@@ -46,7 +46,7 @@ def postgres_url() -> str:
     bindir = _pg_bindir()
     if bindir is None:
         res = subprocess.run(["bash", str(REPO / ".ci/setup-postgres.sh")],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
         bindir = _pg_bindir()
         if bindir is None:
             pytest.skip(f"PostgreSQL cannot be installed here: {res.stderr[-500:]}")
@@ -85,7 +85,7 @@ def postgres_url() -> str:
         yield f"postgresql://repic@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                       capture_output=True)
+                       capture_output=True, check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -102,56 +102,10 @@ def fresh_postgres_url(postgres_url: str) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_retriever_models():
-    """(detector, detector_processor, clip, clip_processor): tiny random Grounding
-    DINO and CLIP, from `repic_ray.models.loading` when present."""
-    try:
-        from repic_ray.models.loading import load_clip, load_detector
-    except ImportError:
-        return _build_tiny_retriever_models()
-    from repic_ray.serving.retriever import _pair
+    """(detector, detector_processor, clip, clip_processor): the tiny random
+    Grounding DINO and CLIP."""
+    from repic_ray.models.loading import load_clip, load_detector
 
-    return (*_pair(load_detector("tiny:grounding-dino")), *_pair(load_clip("tiny:clip")))
-
-
-def _build_tiny_retriever_models():
-    import torch
-    from transformers import (
-        BertTokenizer,
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-    )
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "dog", "cat", "object", "mug",
-             "toy", "person"]
-    vocab = Path(tempfile.mkdtemp(prefix="repic-bert-")) / "vocab.txt"
-    vocab.write_text("\n".join(words))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        det = GroundingDinoForObjectDetection(GroundingDinoConfig(
-            backbone_config=dict(model_type="swin", embed_dim=16, depths=[1, 1, 1, 1],
-                                 num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
-                                 out_features=["stage2", "stage3", "stage4"]),
-            text_config=dict(model_type="bert", vocab_size=len(words), hidden_size=32,
-                             num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
-            d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20,
-            num_feature_levels=3, encoder_n_points=2, decoder_n_points=2, max_text_len=32,
-            use_timm_backbone=False, use_pretrained_backbone=False))
-        clip = CLIPModel(CLIPConfig(
-            text_config=dict(vocab_size=50, hidden_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, intermediate_size=64,
-                             bos_token_id=0, eos_token_id=1, pad_token_id=1),
-            vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=64),
-            projection_dim=16))
-    proc = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
-        tokenizer=BertTokenizer(vocab=str(vocab)))
-    clip_proc = CLIPImageProcessor(size={"shortest_edge": 32},
-                                   crop_size={"height": 32, "width": 32})
-    return det, proc, clip, clip_proc
+    det_proc, det = load_detector("tiny:grounding-dino")
+    clip_proc, clip = load_clip("tiny:clip")
+    return det, det_proc, clip, clip_proc

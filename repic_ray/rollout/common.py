@@ -125,8 +125,23 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+# transformers >= 4.52 keeps Qwen-VL's language model under `model.language_model.` and its
+# vision tower under `model.visual.`; checkpoints on disk use `model.` / `visual.`. vLLM's
+# loader accepts both, so both namings are valid in a full-weight update.
+_IN_MEMORY_TO_CHECKPOINT = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def checkpoint_name(name: str) -> str:
+    """The on-disk name of an in-memory transformers parameter name."""
+    for new, old in _IN_MEMORY_TO_CHECKPOINT:
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return name
+
+
 def checkpoint_parameter_names(model_dir: str) -> set[str] | None:
-    """Tensor names stored in a local safetensors checkpoint; None if not a local one."""
+    """Tensor names a local safetensors checkpoint accepts, in both namings (on disk and
+    transformers in memory); None if `model_dir` is not a local safetensors checkpoint."""
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
@@ -136,6 +151,8 @@ def checkpoint_parameter_names(model_dir: str) -> set[str] | None:
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             names.update(fh.keys())
+    for new, old in _IN_MEMORY_TO_CHECKPOINT:
+        names |= {new + n[len(old) :] for n in list(names) if n.startswith(old)}
     return names
 
 

@@ -15,7 +15,7 @@ class SamplingConfig:
     n: int = 8
     """Completions per prompt, used when a request does not set its own `n`."""
     temperature: float = 1.0
-    """Sampling temperature; 0 means greedy decoding."""
+    """Sampling temperature in [0, 2] (vLLM's range); 0 means greedy decoding."""
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]; 1 keeps the whole distribution."""
     max_tokens: int = 256
@@ -31,8 +31,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"sampling.n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"sampling.temperature must be in [0, 2], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:

@@ -8,7 +8,9 @@ Why the update paths look the way they do (measured on vLLM 0.32, CPU):
 - A LoRA adapter is identified by its integer id: loading new files under an old id serves
   the old weights, so each version gets a fresh id and the previous adapter is removed.
 - `model.load_weights` fails on CPU (weights are repacked after loading); the worker's
-  `reload_weights` re-runs the loader's post-processing and works.
+  `reload_weights` re-runs the loader's post-processing and works. It reads the new weights
+  from a safetensors file written per update (simple and exact; a GPU deployment with large
+  models would rather use vLLM's NCCL weight-transfer engine).
 - After any weight change the prefix cache (KV blocks of the old weights) and the encoder
   cache (image embeddings of the old vision tower) must be dropped; stale prefix blocks give
   wrong output and re-sent images otherwise kill the engine.
@@ -95,7 +97,9 @@ class VLLMRolloutEngine:
         self.policy_version = 0
         self._lora_request = None
         self._next_lora_id = 1
-        self._lora_root = Path(tempfile.mkdtemp(prefix="repic-lora-"))
+        self._next_full_id = 1
+        self._full_dir: Path | None = None
+        self._update_root = Path(tempfile.mkdtemp(prefix="repic-rollout-"))
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -171,7 +175,7 @@ class VLLMRolloutEngine:
                 f"update_lora: adapter rank {rank} exceeds rollout.max_lora_rank={self.cfg.max_lora_rank}"
             )
         lora_id = self._next_lora_id
-        directory = self._lora_root / f"v{version}-id{lora_id}"
+        directory = self._update_root / f"v{version}-id{lora_id}"
         write_peft_adapter(directory, tensors, peft_config)
         request = LoRARequest(f"policy-v{version}-id{lora_id}", lora_id, str(directory))
         engine = self.llm.llm_engine
@@ -185,12 +189,25 @@ class VLLMRolloutEngine:
     def update_full(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Reload the full weights in place (Hugging Face parameter names) as `version`.
 
-        The current LoRA adapter, if any, is dropped: the new weights are the whole policy."""
+        The weights travel as a safetensors file that the workers' `reload_weights` reads:
+        tensors nested in an RPC argument reach the engine process as plain lists (vLLM's
+        msgpack decoder restores tensors only where a type says so). The current LoRA adapter,
+        if any, is dropped: the new weights are the whole policy."""
+        from safetensors.torch import save_file
+
         check_full_state_dict(state_dict, self._known_names)
-        weights = [(name, t.detach().to("cpu").contiguous()) for name, t in state_dict.items()]
+        directory = self._update_root / f"full-v{version}-{self._next_full_id}"
+        self._next_full_id += 1
+        directory.mkdir(parents=True)
+        tensors = {name: t.detach().to("cpu").clone() for name, t in state_dict.items()}
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            "reload_weights", kwargs={"weights_path": str(directory), "is_checkpoint_format": True}
         )
+        # The workers now point at this directory; the previous one can go.
+        if self._full_dir is not None:
+            shutil.rmtree(self._full_dir, ignore_errors=True)
+        self._full_dir = directory
         self._drop_lora()
         self._weights_changed(version)
 
@@ -207,5 +224,5 @@ class VLLMRolloutEngine:
         self.policy_version = int(version)
 
     def close(self) -> None:
-        """Delete the adapter files (the engine itself belongs to whoever built it)."""
-        shutil.rmtree(self._lora_root, ignore_errors=True)
+        """Delete the adapter and weight files (the engine belongs to whoever built it)."""
+        shutil.rmtree(self._update_root, ignore_errors=True)

@@ -1,0 +1,206 @@
+"""VLLMRolloutEngine on the tiny random Qwen2.5-VL: sampling, log-probs against a
+transformers recomputation, and live LoRA / full-weight updates.
+
+The vLLM engine is the session-wide `vllm_tiny_engine`; tests that change its weights put
+the original weights back before they return.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from repic_ray.rollout.common import VISION_SPECIAL_TOKENS
+from repic_ray.rollout.config import SamplingConfig
+from repic_ray.rollout.types import RolloutRequest
+from repic_ray.rollout.vllm_engine import VLLMRolloutEngine
+
+from .helpers import chat_prompt, hf_sampled_logprobs, tiny_rollout_config
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+SAMPLING = SamplingConfig(n=2, max_tokens=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_tiny_engine, tiny_qwen_dir):
+    mode = vllm_tiny_engine.llm_engine.model_config.logprobs_mode
+    eng = VLLMRolloutEngine(tiny_rollout_config(str(tiny_qwen_dir), mode), llm=vllm_tiny_engine)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_qwen_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_qwen_dir)
+
+
+@pytest.fixture(scope="module")
+def requests(engine, image_paths):
+    """Prompts with 1 to 5 reference/query images; the first asks for 3 samples."""
+    return [
+        RolloutRequest(f"k{k}", chat_prompt(engine.tokenizer, k), image_paths[:k], n=3 if k == 1 else None)
+        for k in range(1, 6)
+    ]
+
+
+@pytest.fixture(scope="module")
+def sampled(engine, requests):
+    return engine.generate(requests, SAMPLING)
+
+
+def reference_blocked(engine) -> list[int]:
+    """What processed log-probs exclude (nothing in raw mode)."""
+    return engine._blocked if engine.cfg.logprobs_mode == "processed_logprobs" else []
+
+
+def assert_logprobs_match(engine, model, processor, requests, results, tol=1e-3):
+    for req, res in zip(requests, results):
+        for c in res.completions:
+            ref_T = hf_sampled_logprobs(model, processor, req, c.token_ids, 1.0, reference_blocked(engine))
+            diff = (torch.tensor(c.logprobs) - ref_T).abs().max().item()
+            assert diff < tol, f"{req.uid}: vLLM vs HF log-prob difference {diff}"
+
+
+def max_logprob_gap(model, processor, engine, requests, results) -> float:
+    gaps = []
+    for req, res in zip(requests, results):
+        for c in res.completions:
+            ref_T = hf_sampled_logprobs(model, processor, req, c.token_ids, 1.0, reference_blocked(engine))
+            gaps.append((torch.tensor(c.logprobs) - ref_T).abs().max().item())
+    return max(gaps)
+
+
+def test_n_samples_with_one_logprob_per_token(sampled, requests):
+    assert [r.uid for r in sampled] == [r.uid for r in requests]
+    assert [len(r.completions) for r in sampled] == [3, 2, 2, 2, 2]
+    for res in sampled:
+        for c in res.completions:
+            assert 1 <= len(c.token_ids) <= SAMPLING.max_tokens
+            assert len(c.logprobs) == len(c.token_ids)
+            assert all(lp <= 0.0 and lp > float("-inf") for lp in c.logprobs)
+            assert c.finish_reason in ("stop", "length")
+            assert (c.finish_reason == "length") == (len(c.token_ids) == SAMPLING.max_tokens)
+            assert c.policy_version == 0
+
+
+def test_logprobs_match_transformers_recomputation(engine, hf, requests, sampled):
+    # Multi-image prompts (1-5 images) exercise the 3D M-RoPE positions on both sides.
+    assert_logprobs_match(engine, *hf, requests, sampled)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_order(engine, requests, sampled):
+    again = {r.uid: r for r in engine.generate(requests[::-1], SAMPLING)}
+    for res in sampled:
+        assert [c.token_ids for c in again[res.uid].completions] == [c.token_ids for c in res.completions]
+    other = engine.generate(requests, SamplingConfig(n=2, max_tokens=8, seed=1))
+    assert [c.token_ids for r in other for c in r.completions] != [
+        c.token_ids for r in sampled for c in r.completions
+    ]
+
+
+def test_stop_string_cuts_text_and_sampling(engine, requests, sampled):
+    # Stop on a piece of a completion seen above: with the same seed the engine samples the
+    # same tokens until the piece appears, then stops and drops it from the text.
+    full = next(c for r in sampled for c in r.completions if len(c.text.strip()) >= 6)
+    req = next(r for r, res in zip(requests, sampled) if full in res.completions)
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip()
+    (res,) = engine.generate([req], SamplingConfig(n=SAMPLING.n if req.n is None else req.n, max_tokens=8, seed=0, stop=[stop]))
+    index = next(i for r in sampled if r.uid == req.uid for i, c in enumerate(r.completions) if c is full)
+    cut = res.completions[index]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
+    assert len(cut.token_ids) < len(full.token_ids) or full.finish_reason == "stop"
+
+
+def test_vision_special_tokens_are_never_sampled(engine, requests):
+    vision_ids = {engine.tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
+    assert set(engine._blocked) == vision_ids
+    # The hottest temperature vLLM allows spreads the samples; the unblocked control run
+    # shows that the random model does sample vision tokens when allowed to.
+    hot = SamplingConfig(n=16, max_tokens=16, seed=3, temperature=2.0)
+    sampled = engine.generate(requests[:2], hot)
+    tokens = {t for r in sampled for c in r.completions for t in c.token_ids}
+    assert not tokens & vision_ids
+    unblocked = engine.generate(requests[:2], SamplingConfig(**{**hot.__dict__, "block_vision_tokens": False}))
+    assert {t for r in unblocked for c in r.completions for t in c.token_ids} & vision_ids
+
+
+def make_lora_update(model, seed: int):
+    """Random non-zero LoRA weights (A and B) on the language model, built with peft."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    peft_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    tensors = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return peft_model.eval(), tensors, peft_model.peft_config["default"].to_dict()
+
+
+def test_update_lora_takes_effect_and_matches_peft(engine, hf, requests):
+    model, processor = hf
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        for version, seed in ((1, 11), (2, 12)):
+            peft_model, tensors, peft_config = make_lora_update(model, seed)
+            assert all(re.search(r"lora_[AB]\.weight$", k) for k in tensors)
+            engine.update_lora(tensors, peft_config, version=version)
+            results = engine.generate(requests, SAMPLING)
+            assert {c.policy_version for r in results for c in r.completions} == {version}
+            # The adapter of this version, not the base model nor the previous adapter.
+            assert_logprobs_match(engine, peft_model, processor, requests, results)
+            assert max_logprob_gap(model, processor, engine, requests, results) > 1e-2
+    finally:
+        engine.update_full(original, version=0)
+    assert engine._lora_request is None
+    assert_logprobs_match(engine, model, processor, requests[:2], engine.generate(requests[:2], SAMPLING))
+
+
+def test_update_full_takes_effect_and_matches_transformers(engine, hf, requests, sampled):
+    model, processor = hf
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(5)
+    # Perturb every weight, vision tower included: re-sent images must be re-encoded.
+    perturbed = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen) * v.std().clamp(min=0.1) if v.is_floating_point() and v.numel() > 1 else v
+        for k, v in original.items()
+    }
+    new_model = copy.deepcopy(model)
+    new_model.load_state_dict(perturbed)
+    try:
+        engine.update_full(perturbed, version=7)
+        results = engine.generate(requests, SAMPLING)
+        assert {c.policy_version for r in results for c in r.completions} == {7}
+        assert_logprobs_match(engine, new_model, processor, requests, results)
+        assert max_logprob_gap(model, processor, engine, requests, results) > 1e-2
+    finally:
+        engine.update_full(original, version=0)
+    again = engine.generate(requests, SAMPLING)
+    assert [c.token_ids for r in again for c in r.completions] == [c.token_ids for r in sampled for c in r.completions]
+
+
+def test_bad_requests_and_updates_are_rejected_by_name(engine, requests, image_paths):
+    prompt = requests[1].prompt_text
+    with pytest.raises(ValueError, match="request 'x'.*2 image placeholder.*1 image path"):
+        engine.generate([RolloutRequest("x", prompt, image_paths[:1])])
+    with pytest.raises(ValueError, match="request 'y'.*cannot read image '/no/such.png'"):
+        engine.generate([RolloutRequest("y", prompt, [image_paths[0], "/no/such.png"])])
+    with pytest.raises(ValueError, match="duplicate request uid 'k2'"):
+        engine.generate([requests[1], requests[1]])
+    with pytest.raises(ValueError, match="not in the checkpoint.*model.layers.0.nonexistent"):
+        engine.update_full({"model.layers.0.nonexistent": torch.zeros(1)}, version=1)
+    with pytest.raises(ValueError, match="peft adapter names"):
+        engine.update_lora({"q_proj.weight": torch.zeros(1)}, {"r": 8, "lora_alpha": 16, "target_modules": "x"}, version=1)
+    assert engine.policy_version == 0

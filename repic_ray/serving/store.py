@@ -39,15 +39,17 @@ KEY_PREFIX = "rk_"
 class StoreConfig:
     """Where the concept store keeps its data."""
 
-    root: str = "~/.cache/repic/serve"
-    """Data directory: the SQLite file (by default) and the `images/` directory."""
+    root: str = ""
+    """Data directory: the SQLite file (by default) and the `images/` directory;
+    empty means `$REPIC_CACHE/serve` (`~/.cache/repic/serve`)."""
     database_url: str = ""
     """SQLAlchemy URL of the database; empty means `sqlite:///<root>/concepts.db`.
     `postgresql://...` URLs use the psycopg 3 driver."""
 
-    def __post_init__(self) -> None:
-        if not self.root:
-            raise ValueError("store.root: must name a directory")
+    def resolved_root(self) -> Path:
+        if self.root:
+            return Path(os.path.expanduser(self.root))
+        return Path(os.environ.get("REPIC_CACHE") or Path.home() / ".cache" / "repic") / "serve"
 
 
 @dataclass
@@ -277,7 +279,7 @@ class ConceptStore:
 
     def __init__(self, config: StoreConfig):
         self.config = config
-        root = Path(os.path.expanduser(config.root))
+        root = config.resolved_root()
         root.mkdir(parents=True, exist_ok=True)
         url = normalize_url(config.database_url or f"sqlite:///{root / 'concepts.db'}")
         self.engine = _make_engine(url)

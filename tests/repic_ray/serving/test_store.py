@@ -129,7 +129,7 @@ def test_newer_schema_is_refused(tmp_path):
         ConceptStore(StoreConfig(root=str(tmp_path)))
 
 
-def test_config_and_bad_input():
-    with pytest.raises(ValueError, match="store.root"):
-        StoreConfig(root="")
+def test_config_and_bad_input(monkeypatch, tmp_path):
+    monkeypatch.setenv("REPIC_CACHE", str(tmp_path))
+    assert StoreConfig().resolved_root() == tmp_path / "serve"
     assert normalize_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"

@@ -1,0 +1,225 @@
+"""The captioning service on a real Ray Serve deployment (real vLLM async engine,
+tiny models), over real HTTP on loopback; and the web page in headless Chromium.
+
+One Ray cluster for the session (`ray.init(address="local", num_cpus=2)`), Serve
+bound to 127.0.0.1 on a free port, shut down at the end (never `ray stop`)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from repic_ray.config import from_dict
+from repic_ray.serving.cli import read_serve_yaml
+from repic_ray.serving.config import ServeConfig
+from repic_ray.serving.store import ConceptStore, StoreConfig
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE_YAML = REPO / "deploy" / "serve.yaml"
+
+
+def png(colour: str, size: tuple[int, int] = (56, 56)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_serve_yaml_is_valid():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
+    args, deployments, http = read_serve_yaml(str(SERVE_YAML))
+    cfg = from_dict(ServeConfig, args)
+    assert cfg.engine == "vllm" and cfg.captioner.checkpoint == "tiny:qwen2.5-vl"
+    assert set(deployments) == {"Api", "Retriever", "Captioner"}
+    assert all("autoscaling_config" in d for d in deployments.values())
+    assert http["host"] == "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(root: Path, engine: str = "vllm") -> ServeConfig:
+    return from_dict(ServeConfig, {
+        "engine": engine,
+        "store": {"root": str(root)},
+        "captioner": {"checkpoint": "tiny:qwen2.5-vl", "max_new_tokens": 12,
+                      "max_model_len": 2048, "model_version": f"tiny-{engine}"},
+        "retriever": {"box_threshold": 0.0},
+        "api": {"default_top_k": 1},
+    })
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory):
+    """(base_url, store_root, admin_headers, deploy(config)) of a live Serve app."""
+    import ray
+    from ray import serve
+
+    from deploy.serve_app import application
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    root = tmp_path_factory.mktemp("serve-store")
+    port = _free_port()
+    ray.init(address="local", include_dashboard=False, num_cpus=2,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def deploy(cfg: ServeConfig) -> None:
+        serve.run(application(cfg), name="repic", route_prefix="/")
+
+    deploy(_config(root))
+    store = ConceptStore(StoreConfig(root=str(root)))
+    store.create_user("root", is_admin=True)
+    admin = {"X-API-Key": store.create_api_key("root")}
+    store.close()
+    try:
+        yield f"http://127.0.0.1:{port}", root, admin, deploy
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _user(base: str, admin: dict, name: str) -> dict:
+    res = httpx.post(f"{base}/v1/admin/users", json={"name": name}, headers=admin)
+    assert res.status_code == 201, res.text
+    return {"X-API-Key": res.json()["api_key"]}
+
+
+def _add(base: str, headers: dict, name: str, colour: str, category: str) -> httpx.Response:
+    return httpx.post(f"{base}/v1/concepts", headers=headers,
+                      data={"name": name, "category": category},
+                      files=[("images", (f"{name}.png", png(colour), "image/png"))])
+
+
+@pytest.mark.slow
+def test_http_concepts_captions_and_isolation(service):
+    base, _, admin, _ = service
+    alice, bob = _user(base, admin, "alice"), _user(base, admin, "bob")
+    assert httpx.get(f"{base}/v1/concepts").status_code == 401
+    assert _add(base, alice, "Bo", "red", "dog").status_code == 201
+    assert _add(base, alice, "Mo", "blue", "cat").status_code == 201
+    q = {"image": ("q.png", png("blue"), "image/png")}
+    res = httpx.post(f"{base}/v1/captions", headers=alice, data={"concepts": "Bo,Mo"},
+                     files=q, timeout=120)
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["model"] == "tiny-vllm" and body["mode"] == "explicit"
+    assert [c["name"] for c in body["concepts"]] == ["Bo", "Mo"]
+    assert all(len(c["box"]) == 4 for c in body["concepts"])
+    assert isinstance(body["caption"], str)
+    # Retrieval through the Retriever deployment: the blue query equals Mo's reference.
+    res = httpx.post(f"{base}/v1/captions", headers=alice, data={"top_k": "1"},
+                     files=q, timeout=120)
+    assert [c["name"] for c in res.json()["concepts"]] == ["Mo"]
+    # Bob sees, reads, uses and deletes nothing of alice's.
+    assert httpx.get(f"{base}/v1/concepts", headers=bob).json() == []
+    assert httpx.get(f"{base}/v1/concepts/Bo/images/0", headers=bob).status_code == 404
+    assert httpx.post(f"{base}/v1/captions", headers=bob, data={"concepts": "Bo"},
+                      files=q, timeout=120).status_code == 404
+    assert httpx.delete(f"{base}/v1/concepts/Bo", headers=bob).status_code == 404
+    # A corrupt upload is a 400 and the replica keeps serving.
+    bad = httpx.post(f"{base}/v1/captions", headers=alice,
+                     files={"image": ("bad.png", png("red")[:70], "image/png")})
+    assert bad.status_code == 400
+    assert httpx.get(f"{base}/v1/concepts", headers=alice).status_code == 200
+    assert "/v1/concepts" in httpx.get(f"{base}/openapi.json").json()["paths"]
+
+
+@pytest.mark.slow
+def test_concurrent_captions_are_batched_without_errors(service):
+    base, _, admin, _ = service
+    carol = _user(base, admin, "carol")
+    assert _add(base, carol, "Bo", "red", "dog").status_code == 201
+
+    async def one(client: httpx.AsyncClient, colour: str) -> httpx.Response:
+        return await client.post(f"{base}/v1/captions", headers=carol,
+                                 data={"concepts": "Bo"},
+                                 files={"image": ("q.png", png(colour), "image/png")})
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*[one(client, c) for c in
+                                          ["red", "green", "blue", "yellow"] * 2])
+
+    results = asyncio.run(burst())
+    assert [r.status_code for r in results] == [200] * 8
+    # Greedy decoding: the same query gives the same caption however it was batched.
+    captions = [r.json()["caption"] for r in results]
+    assert captions[:4] == captions[4:]
+
+
+@pytest.mark.slow
+def test_web_page_register_and_caption(service, tmp_path):
+    base, _, admin, _ = service
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        subprocess.run(["bash", str(REPO / ".ci/setup-chromium.sh")], check=False)
+        chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium cannot be installed here")
+    from playwright.sync_api import sync_playwright
+
+    key = _user(base, admin, "dana")["X-API-Key"]
+    ref, query = tmp_path / "bo.png", tmp_path / "query.png"
+    ref.write_bytes(png("purple"))
+    query.write_bytes(png("purple", (120, 90)))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(base + "/")
+        page.fill("#api-key", key)
+        page.click("#save-key")
+        page.wait_for_selector("#whoami:has-text('dana')")
+        page.fill("#concept-name", "Bo")
+        page.fill("#concept-category", "dog")
+        page.set_input_files("#concept-images", str(ref))
+        page.click("#register")
+        page.wait_for_selector("#concept-list li[data-name='Bo']")
+        page.set_input_files("#caption-image", str(query))
+        page.fill("#caption-topk", "1")
+        page.click("#caption-btn")
+        page.wait_for_selector("#status:has-text('done')", timeout=120_000)
+        assert page.text_content("#error") == ""
+        assert "tiny-vllm" in page.text_content("#caption-model")
+        boxes = page.eval_on_selector("#canvas", "c => JSON.parse(c.dataset.boxes)")
+        assert [b["name"] for b in boxes] == ["Bo"]
+        size = page.eval_on_selector("#canvas", "c => [c.width, c.height]")
+        assert size == [120, 90]
+        # Bad input surfaces as a readable error, not a crash.
+        page.fill("#concept-name", "9 bad")
+        page.click("#register")
+        page.wait_for_selector("#error:has-text('422')")
+        browser.close()
+
+
+@pytest.mark.slow
+def test_data_survives_redeploying_the_app(service):
+    from ray import serve
+
+    base, root, admin, deploy = service
+    erin = _user(base, admin, "erin")
+    assert _add(base, erin, "Bo", "red", "dog").status_code == 201
+    serve.delete("repic")
+    assert httpx.get(f"{base}/healthz").status_code == 404
+    # A fresh application (the HF engine, to keep the test short) on the same store.
+    deploy(_config(root, engine="hf"))
+    assert [c["name"] for c in httpx.get(f"{base}/v1/concepts", headers=erin).json()] == ["Bo"]
+    res = httpx.post(f"{base}/v1/captions", headers=erin, data={"concepts": "Bo"},
+                     files={"image": ("q.png", png("red"), "image/png")}, timeout=120)
+    assert res.status_code == 200 and res.json()["model"] == "tiny-hf"

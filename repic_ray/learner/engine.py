@@ -222,6 +222,9 @@ class LearnerEngine:
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup),
         )
+        self._stage0_grad_norm: Optional[float] = None
+        if cfg.zero_stage == 0 and cfg.dtype == "fp32":
+            self._record_stage0_grad_norm()
 
     # ----------------------------------------------------------------- setup helpers
     def _deepspeed_config(self) -> dict[str, Any]:
@@ -235,7 +238,9 @@ class LearnerEngine:
             "train_batch_size": cfg.micro_batch_size * self.world_size,
             # train_step owns accumulation: backward() per micro-batch, one step() per batch.
             "managed_gradient_accumulation": False,
-            "gradient_clipping": cfg.grad_clip,
+            # ZeRO-0 computes the norm only when clipping: an infinite bound measures it
+            # without clipping.
+            "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 or cfg.zero_stage != 0 else float("inf"),
             "optimizer": {
                 "type": "AdamW",
                 "params": {
@@ -253,6 +258,19 @@ class LearnerEngine:
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
+
+    def _record_stage0_grad_norm(self) -> None:
+        """DeepSpeed clips fp32 ZeRO-0 gradients (after their all-reduce) with
+        `clip_grad_norm_` but drops the norm it returns; keep it for `TrainStats`."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        engine = self.engine
+
+        def clip_and_record() -> None:
+            norm = clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+            self._stage0_grad_norm = float(norm)
+
+        engine.clip_fp32_gradients = clip_and_record
 
     def _prepare_policy(self, hf_model: nn.Module) -> nn.Module:
         cfg = self.cfg
@@ -425,6 +443,22 @@ class LearnerEngine:
     # ---------------------------------------------------------------- updates
     def train_step(self, batch: TrainBatch) -> TrainStats:
         """One optimizer step of the RL objective over the whole batch (this rank's share)."""
+        lr = self.engine.get_lr()[0]
+        sums = self.accumulate_rl_gradients(batch)
+        grad_norm = self._optimizer_step()
+        return self._stats(sums, grad_norm, lr)
+
+    def sft_step(self, batch: SFTBatch) -> TrainStats:
+        """One optimizer step of token-mean cross-entropy on the target tokens; tokens
+        in `batch.upweight_token_ids` count `loss.name_token_weight` times."""
+        lr = self.engine.get_lr()[0]
+        sums = self.accumulate_sft_gradients(batch)
+        grad_norm = self._optimizer_step()
+        return self._stats(sums, grad_norm, lr)
+
+    def accumulate_rl_gradients(self, batch: TrainBatch) -> dict[str, float]:
+        """Forward + backward of every micro-batch of `batch` (no optimizer step);
+        returns this rank's sums of the loss terms for `TrainStats`."""
         cfg, lc = self.cfg, self.cfg.loss
         critic = self.module.value_head is not None
         if critic and (batch.returns_BT is None or batch.values_BT is None):
@@ -435,7 +469,6 @@ class LearnerEngine:
         normalizer = self._normalizer(batch, lc.loss_agg)
 
         self.engine.train()
-        lr = self.engine.get_lr()[0]
         sums = dict(loss=0.0, pg=0.0, vf=0.0, kl=0.0, clip=0.0, ent=0.0, tok=0.0)
         for idx in _chunks(len(batch), cfg.micro_batch_size):
             mb = batch.select(idx)
@@ -486,17 +519,14 @@ class LearnerEngine:
             sums["clip"] += float(st["clip_frac"]) * n_tok
             sums["ent"] += float(st["entropy"]) * n_tok
             sums["tok"] += n_tok
-        grad_norm = self._optimizer_step()
-        return self._stats(sums, grad_norm, lr)
+        return sums
 
-    def sft_step(self, batch: SFTBatch) -> TrainStats:
-        """One optimizer step of token-mean cross-entropy on the target tokens; tokens
-        in `batch.upweight_token_ids` count `loss.name_token_weight` times."""
+    def accumulate_sft_gradients(self, batch: SFTBatch) -> dict[str, float]:
+        """Forward + backward of the SFT loss over `batch` (no optimizer step)."""
         cfg = self.cfg
         normalizer = self._normalizer(batch, "token_mean")
         weights_BT = batch.token_weights_BT(cfg.loss.name_token_weight)
         self.engine.train()
-        lr = self.engine.get_lr()[0]
         sums = dict(loss=0.0, pg=0.0, vf=0.0, kl=0.0, clip=0.0, ent=0.0, tok=0.0)
         for idx in _chunks(len(batch), cfg.micro_batch_size):
             mb = batch.select(idx)
@@ -512,13 +542,15 @@ class LearnerEngine:
             sums["pg"] += float((nll_BT.detach() * mi.mask_BT).sum()) / (normalizer * self.world_size)
             sums["ent"] += float((ent_BT * mi.mask_BT).sum())
             sums["tok"] += float(mi.mask_BT.sum())
-        grad_norm = self._optimizer_step()
-        return self._stats(sums, grad_norm, lr)
+        return sums
 
     def _optimizer_step(self) -> float:
+        self._stage0_grad_norm = None
         self.engine.step()
         self.policy_version += 1
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._stage0_grad_norm
         return float("nan") if norm is None else float(norm)
 
     def _stats(self, sums: dict[str, float], grad_norm: float, lr: float) -> TrainStats:

@@ -44,6 +44,14 @@ def test_serve_yaml_is_valid():
     assert set(deployments) == {"Api", "Retriever", "Captioner"}
     assert all("autoscaling_config" in d for d in deployments.values())
     assert http["host"] == "127.0.0.1"
+    # The import_path of the YAML builds the application from its args.
+    from ray.serve import Application
+
+    from deploy.serve_app import app_builder
+
+    assert isinstance(app_builder(args), Application)
+    with pytest.raises(ValueError, match="engine"):
+        app_builder({**args, "engine": "tensorrt"})
 
 
 def _free_port() -> int:

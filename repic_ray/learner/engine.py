@@ -202,6 +202,9 @@ class LearnerEngine:
 
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
         hf_model = load_policy(cfg.model, dtype=self.dtype)
+        # Seed right before the new parameters (LoRA, value head) are drawn: loading
+        # consumes the RNG differently per ZeRO stage, and ranks must agree.
+        torch.manual_seed(cfg.seed)
         policy = self._prepare_policy(hf_model)
         value_head = None
         if cfg.critic.enabled:
@@ -232,6 +235,7 @@ class LearnerEngine:
         zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": False}
         if cfg.zero_stage == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = False
+            zero["stage3_param_persistence_threshold"] = cfg.zero3_persistence_threshold
         return {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": 1,
@@ -302,6 +306,13 @@ class LearnerEngine:
     @property
     def lora_enabled(self) -> bool:
         return self.cfg.lora.enabled
+
+    def close(self) -> None:
+        """Release the DeepSpeed engine. Under ZeRO-3 this also switches transformers'
+        process-wide ZeRO-3 mode off again, so later `from_pretrained` calls in this
+        process load plain, unpartitioned models."""
+        self.engine.destroy()
+        self._hf_ds_config = None
 
     # ---------------------------------------------------------------- input building
     def _encode_prompt(self, text: str, paths: Sequence[str], where: str) -> dict[str, torch.Tensor]:

@@ -157,7 +157,12 @@ class VLLMCaptioner:
         return CaptionResult(caption=final.outputs[0].text.strip(), model=self.version)
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+            # Collect it now: AsyncLLM.__del__ shuts down again, which fails if it
+            # only runs at interpreter exit (module globals already cleared).
+            del engine
 
 
 class HFCaptioner:

@@ -14,25 +14,14 @@ from repic_ray.rollout.config import SamplingConfig
 from repic_ray.rollout.types import RolloutRequest
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
-# Qwen2.5-VL's vision special tokens; a random (or badly trained) policy can sample them,
-# and a sampled <|image_pad|> in a later prompt breaks the image-token count check.
-VISION_SPECIAL_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 
 
 def vision_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of the vision special tokens the tokenizer knows, sorted."""
-    try:
-        from repic_ray.models.loading import vision_special_token_ids
-    except ImportError:
-        vocab = tokenizer.get_vocab()
-        return sorted(vocab[t] for t in VISION_SPECIAL_TOKENS if t in vocab)
-    return sorted(vision_special_token_ids(tokenizer))
+    """Ids never to sample: a random (or badly trained) policy samples vision special tokens,
+    and a sampled `<|image_pad|>` breaks the image-token count of any prompt it lands in."""
+    from repic_ray.models.loading import vision_special_token_ids
+
+    return vision_special_token_ids(tokenizer)
 
 
 def num_samples(request: RolloutRequest, sampling: SamplingConfig) -> int:

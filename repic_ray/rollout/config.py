@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 LogprobsMode = Literal["processed_logprobs", "raw_logprobs"]
 
@@ -22,7 +22,7 @@ class SamplingConfig:
     """Most completion tokens per sample."""
     stop: list[str] = field(default_factory=list)
     """Strings that end a completion; the text is cut before them (token ids keep them)."""
-    seed: Optional[int] = None
+    seed: int | None = None
     """Base seed. Set: each request's samples are reproducible, derived from the seed and the
     request uid (independent of batch order in vLLM). None: fresh randomness every call."""
     block_vision_tokens: bool = True
@@ -47,7 +47,7 @@ class RolloutConfig:
 
     model: str = ""
     """Hugging Face checkpoint directory (or hub id) of the policy."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """Tokenizer / processor directory; None uses `model`."""
     dtype: str = "bfloat16"
     """Weights and activations dtype: "bfloat16", "float16", "float32" or "auto"."""
@@ -64,7 +64,7 @@ class RolloutConfig:
     """Most sequences decoded together."""
     limit_images_per_prompt: int = 5
     """Most images in one prompt (RePIC: up to 4 references plus the query image)."""
-    kv_cache_gib: Optional[float] = 1.0
+    kv_cache_gib: float | None = 1.0
     """KV cache size in GiB (vLLM `kv_cache_memory_bytes`; on CPU the environment variable
     `VLLM_CPU_KVCACHE_SPACE`, when set, takes precedence). None: vLLM's default."""
     gpu_memory_utilization: float = 0.9

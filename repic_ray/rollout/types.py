@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -18,7 +17,7 @@ class RolloutRequest:
     uid: str
     prompt_text: str
     image_paths: list[str] = field(default_factory=list)
-    n: Optional[int] = None
+    n: int | None = None
     """Completions to sample; None uses `SamplingConfig.n`."""
 
 

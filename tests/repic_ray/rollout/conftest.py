@@ -1,30 +1,10 @@
-"""Fixtures of the rollout tests: images, an HF reference scorer, the shared vLLM engine."""
+"""Fixtures of the rollout tests (the tiny checkpoint and the vLLM engine come from tests/conftest.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
-
-from .helpers import tiny_rollout_config
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen_dir():
-    from repic_ray.models.tiny import build_tiny_qwen2_5_vl
-
-    return build_tiny_qwen2_5_vl()
-
-
-@pytest.fixture(scope="session")
-def vllm_tiny_engine(tiny_qwen_dir):
-    from vllm import LLM
-
-    from repic_ray.rollout.vllm_engine import llm_kwargs
-
-    llm = LLM(**llm_kwargs(tiny_rollout_config(str(tiny_qwen_dir))))
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="session")

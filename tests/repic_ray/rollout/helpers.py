@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from repic_ray.rollout.common import load_images
 from repic_ray.rollout.config import RolloutConfig, SamplingConfig
 from repic_ray.rollout.types import RolloutRequest
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def tiny_rollout_config(model: str, logprobs_mode: str = "processed_logprobs") -> RolloutConfig:
@@ -59,3 +63,30 @@ def hf_sampled_logprobs(
         logits_TV[:, list(blocked)] = float("-inf")
     logprobs_TV = torch.log_softmax(logits_TV / temperature, dim=-1)
     return logprobs_TV.gather(-1, completion[0][:, None])[:, 0]
+
+
+def make_lora_update(model, seed: int):
+    """Random non-zero LoRA weights (A and B) on the language model, built with peft."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    peft_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    tensors = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return peft_model.eval(), tensors, peft_model.peft_config["default"].to_dict()
+
+
+def perturbed_state_dict(state_dict: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Every floating weight moved by 5% of its spread (at least 0.005)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: v + 0.05 * v.std().clamp(min=0.1) * torch.randn(v.shape, generator=gen)
+        if v.is_floating_point() and v.numel() > 1
+        else v
+        for k, v in state_dict.items()
+    }

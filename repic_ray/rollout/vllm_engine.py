@@ -47,20 +47,20 @@ _BLOCK_BIAS = -100.0
 
 def llm_kwargs(cfg: RolloutConfig) -> dict[str, Any]:
     """Arguments of `vllm.LLM(...)` for this config (shared with test fixtures)."""
-    kwargs: dict[str, Any] = dict(
-        model=cfg.model,
-        tokenizer=cfg.tokenizer or cfg.model,
-        dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        max_num_seqs=cfg.max_num_seqs,
-        limit_mm_per_prompt={"image": cfg.limit_images_per_prompt},
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        logprobs_mode=cfg.logprobs_mode,
-        enforce_eager=cfg.enforce_eager,
-        seed=cfg.seed,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-    )
+    kwargs: dict[str, Any] = {
+        "model": cfg.model,
+        "tokenizer": cfg.tokenizer or cfg.model,
+        "dtype": cfg.dtype,
+        "max_model_len": cfg.max_model_len,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "max_num_seqs": cfg.max_num_seqs,
+        "limit_mm_per_prompt": {"image": cfg.limit_images_per_prompt},
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "logprobs_mode": cfg.logprobs_mode,
+        "enforce_eager": cfg.enforce_eager,
+        "seed": cfg.seed,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+    }
     if cfg.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * (1 << 30))
     if cfg.mm_processor_kwargs:

@@ -72,11 +72,17 @@ def _explain_missing(spec: str, path: str) -> Iterator[None]:
     except OSError as err:
         if Path(path).exists():
             raise
+        from huggingface_hub import constants
+
+        why = (
+            "HF_HUB_OFFLINE=1 forbids downloading it"
+            if constants.HF_HUB_OFFLINE
+            else "downloading it failed"
+        )
         raise OSError(
-            f"cannot load checkpoint {spec!r}: it is not a local directory and could not be "
-            "fetched from the Hugging Face hub nor found in its cache (HF_HUB_OFFLINE=1 "
-            f"forbids downloads). Download it beforehand (`hf download {spec}`), point "
-            "HF_HOME at a cache that has it, or pass a local directory."
+            f"cannot load checkpoint {spec!r}: it is not a local directory, the Hugging Face "
+            f"cache does not have it and {why}. Download it beforehand (`hf download "
+            f"{spec}`), point HF_HOME at a cache that has it, or pass a local directory."
         ) from err
 
 

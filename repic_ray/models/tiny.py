@@ -32,7 +32,7 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
-from repic_ray.data.vocab import CATEGORIES, NAMES, all_words
+from repic_ray.data.vocab import NAMES, all_words
 
 # Qwen2.5's added tokens, in Qwen2.5's order (they follow the BPE vocabulary there too,
 # at ids 151643...151664). `special` follows Qwen2.5's tokenizer_config.json.
@@ -298,17 +298,19 @@ def build_tiny_qwen2_5_vl(seed: int = 0, cache_dir: str | Path | None = None) ->
 
     Text: hidden 128, 4 layers, 4 heads / 4 KV heads, MLP 512, M-RoPE. Vision: depth 2,
     hidden 64, patch 14, spatial merge 2 (a 28x28 image is one vision token, 84x84 is
-    nine). The tokenizer is a byte-level BPE (~2k tokens) in which every world word and
+    nine). The tokenizer is a byte-level BPE (~1.6k tokens) in which every world word and
     name, with or without a leading space and capitalised, is a single token; Qwen2.5's
     special tokens follow the BPE vocabulary, with `image_token_id` etc. in the config.
     """
     return _cached_build("qwen2.5-vl", seed, cache_dir, _write_qwen2_5_vl)
 
 
-def _glue_words() -> list[str]:
-    """Lower-cased words of `GLUE_TEXT`, in order of first appearance."""
-    words = (w.strip(".,;:!?'\"()[]{}").lower() for w in GLUE_TEXT.split())
-    return list(dict.fromkeys(w for w in words if w.isalpha()))
+def _lowercase_words() -> list[str]:
+    """The world's words and `GLUE_TEXT`'s, lower-cased, each once, in a stable order:
+    the vocabulary of the uncased detector and CLIP tokenizers."""
+    glue = (w.strip(".,;:!?'\"()[]{}") for w in GLUE_TEXT.split())
+    words = [*all_words(), *(w for w in glue if w.isalpha())]
+    return list(dict.fromkeys(w.lower() for w in words))
 
 
 def _write_grounding_dino(out: Path) -> None:
@@ -323,10 +325,9 @@ def _write_grounding_dino(out: Path) -> None:
     # WordPiece over the world's words (lower-cased: the tokenizer is uncased), with every
     # letter and digit as a word start and a `##` continuation so any text still encodes.
     chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-    punct = [c for c in ".,;:!?'\"()[]{}<>-_/*+=#@&%"]
-    words = [w.lower() for w in all_words() + list(CATEGORIES)] + _glue_words()
+    punct = ".,;:!?'\"()[]{}<>-_/*+=#@&%"
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *punct, *chars]
-    tokens += [f"##{c}" for c in chars] + words
+    tokens += [f"##{c}" for c in chars] + _lowercase_words()
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))})
     processor = GroundingDinoProcessor(
         image_processor=GroundingDinoImageProcessor(
@@ -361,7 +362,8 @@ def _write_grounding_dino(out: Path) -> None:
         encoder_layers=1,
         encoder_ffn_dim=64,
         encoder_attention_heads=2,
-        # Two decoder layers at least: the box refinement indexes the previous layer.
+        # At least 2: the shared box head ties layer 0's weights to the later layers', and
+        # with a single layer building the model fails ("... to tie into []").
         decoder_layers=2,
         decoder_ffn_dim=64,
         decoder_attention_heads=2,
@@ -390,7 +392,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     they never disturb a word already whole."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
-    words = list(dict.fromkeys(w.lower() for w in all_words() + list(CATEGORIES) + _glue_words()))
+    words = _lowercase_words()
     merges: dict[tuple[str, str], None] = {}
     while True:
         vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
@@ -417,18 +419,22 @@ def _write_clip(out: Path) -> None:
         ),
         tokenizer=tokenizer,
     )
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    tower = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
     config = CLIPConfig(
         text_config={
             **tower,
-            "num_attention_heads": 2,
             "vocab_size": len(tokenizer),
             "max_position_embeddings": 77,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={**tower, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
         projection_dim=32,
     )
     CLIPModel(config).eval().save_pretrained(out)

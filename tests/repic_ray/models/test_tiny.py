@@ -52,6 +52,19 @@ def test_second_build_reuses_the_directory(qwen_dir, monkeypatch):
     assert [p.name for p in qwen_dir.parent.iterdir()] == [qwen_dir.name]
 
 
+def test_losing_a_build_race_returns_the_winners_directory(tmp_path):
+    # Another process renames its finished copy into place while this one is building.
+    def write(out: Path) -> None:
+        (out / "mine").write_text("loser")
+        final = out.parent / out.name[1:].rsplit(".", 1)[0]  # tmp is ".<final>.<random>"
+        final.mkdir()
+        (final / "theirs").write_text("winner")
+
+    final = tiny._cached_build("fake", 0, tmp_path, write)
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+    assert [p.name for p in final.iterdir()] == ["theirs"]
+
+
 def test_build_is_byte_identical_in_a_fresh_process(qwen_dir, tmp_path):
     # Another interpreter with another hash seed: nothing may depend on set/dict order
     # or on global RNG state.

@@ -11,14 +11,13 @@ small and model-agnostic.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
 
 import torch
 
 
 def _check_list(name: str, value: object, n: int) -> None:
     if not isinstance(value, list):
-        raise ValueError(f"{name}: expected a list, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected a list, got {type(value).__name__}")
     if len(value) != n:
         raise ValueError(f"{name}: expected {n} entries (one per sequence), got {len(value)}")
 
@@ -26,7 +25,9 @@ def _check_list(name: str, value: object, n: int) -> None:
 def _check_completions(completion_ids: list[list[int]]) -> None:
     for b, ids in enumerate(completion_ids):
         if not isinstance(ids, (list, tuple)) or not ids:
-            raise ValueError(f"completion_ids[{b}]: expected a non-empty list of token ids, got {ids!r}")
+            raise ValueError(
+                f"completion_ids[{b}]: expected a non-empty list of token ids, got {ids!r}"
+            )
         if not all(isinstance(t, int) and t >= 0 for t in ids):
             raise ValueError(f"completion_ids[{b}]: token ids must be non-negative ints")
 
@@ -38,11 +39,13 @@ def completion_mask(completion_ids: list[list[int]], width: int | None = None) -
     return (torch.arange(width)[None, :] < lengths[:, None]).float()
 
 
-def _check_bt(name: str, value: Optional[torch.Tensor], B: int, T: int, *, allow_b: bool = False) -> None:
+def _check_bt(
+    name: str, value: torch.Tensor | None, B: int, T: int, *, allow_b: bool = False
+) -> None:
     if value is None:
         return
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name}: expected a tensor, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
     if allow_b and value.shape == (B,):
         return
     if tuple(value.shape) != (B, T):
@@ -67,11 +70,11 @@ class TrainBatch:
     """Log-probs of the completion tokens under the behaviour policy."""
     advantages_BT: torch.Tensor
     """Per-token advantages, or `advantages_B` (shape (B,)) broadcast over tokens."""
-    ref_logprobs_BT: Optional[torch.Tensor] = None
+    ref_logprobs_BT: torch.Tensor | None = None
     """Reference-policy log-probs; computed by the learner when None and kl_beta > 0."""
-    returns_BT: Optional[torch.Tensor] = None
+    returns_BT: torch.Tensor | None = None
     """Value targets (PPO with a critic)."""
-    values_BT: Optional[torch.Tensor] = None
+    values_BT: torch.Tensor | None = None
     """Value predictions at rollout time (PPO value clipping)."""
 
     def __post_init__(self) -> None:
@@ -97,7 +100,7 @@ class TrainBatch:
     def mask_BT(self) -> torch.Tensor:
         return completion_mask(self.completion_ids)
 
-    def select(self, idx: list[int]) -> "TrainBatch":
+    def select(self, idx: list[int]) -> TrainBatch:
         """The sub-batch of rows `idx`, its tensors cut to the sub-batch's own T."""
         comp = [self.completion_ids[i] for i in idx]
         T = max(len(ids) for ids in comp)
@@ -124,7 +127,7 @@ class SFTBatch:
     """Image files of each prompt, in placeholder order (may be empty)."""
     completion_ids: list[list[int]]
     """Target token ids of each sequence (no padding)."""
-    upweight_token_ids: Optional[list[list[int]]] = None
+    upweight_token_ids: list[list[int]] | None = None
     """Per sequence, token ids whose cross-entropy is multiplied by
     `loss.name_token_weight` (e.g. the tokens of the concept names)."""
 
@@ -157,7 +160,7 @@ class SFTBatch:
             w_BT[b, : len(ids)][hit] = weight
         return w_BT
 
-    def select(self, idx: list[int]) -> "SFTBatch":
+    def select(self, idx: list[int]) -> SFTBatch:
         up = None if self.upweight_token_ids is None else [self.upweight_token_ids[i] for i in idx]
         return SFTBatch(
             [self.prompt_texts[i] for i in idx],

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from repic_ray.rl.kl import KL_ESTIMATORS
 from repic_ray.rl.losses import AGG_MODES
 
 LM_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
 
 
 @dataclass
@@ -43,7 +42,7 @@ class LossConfig:
     """PPO ratio clip below: ratio >= 1 - clip_low."""
     clip_high: float = 0.2
     """PPO ratio clip above: ratio <= 1 + clip_high (DAPO's clip-higher uses 0.28)."""
-    dual_clip: Optional[float] = None
+    dual_clip: float | None = None
     """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens; None = off."""
     kl_beta: float = 0.04
     """Weight of the KL(policy || reference) term in the loss; 0 skips the reference pass."""
@@ -54,7 +53,7 @@ class LossConfig:
     over sequences; RePIC), token_mean (DAPO) or seq_mean_token_sum_norm (Dr.GRPO). The
     learner normalizes over the whole batch on all ranks, so micro-batching and data
     parallelism do not change the loss."""
-    max_len: Optional[int] = None
+    max_len: int | None = None
     """Generation budget dividing each sequence's token sum in seq_mean_token_sum_norm."""
     temperature: float = 1.0
     """Sampling temperature of the behaviour policy: logits are divided by it so the
@@ -75,7 +74,9 @@ class LossConfig:
         if self.kl_beta < 0.0:
             raise ValueError(f"loss.kl_beta must be >= 0, got {self.kl_beta}")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"loss.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+            raise ValueError(
+                f"loss.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}"
+            )
         if self.loss_agg not in AGG_MODES:
             raise ValueError(f"loss.loss_agg must be one of {AGG_MODES}, got {self.loss_agg!r}")
         if self.max_len is not None and self.max_len < 1:
@@ -95,7 +96,7 @@ class CriticConfig:
     backbone (and its LoRA) is shared with the policy."""
     lr: float = 1e-4
     """Learning rate of the value head's parameters."""
-    value_clip: Optional[float] = 0.2
+    value_clip: float | None = 0.2
     """Clip the new value to old_value +- value_clip in the value loss; None = unclipped."""
     value_coef: float = 0.5
     """Weight of the value loss added to the policy loss."""
@@ -154,7 +155,9 @@ class LearnerConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.zero3_persistence_threshold < 0:
-            raise ValueError(f"zero3_persistence_threshold must be >= 0, got {self.zero3_persistence_threshold}")
+            raise ValueError(
+                f"zero3_persistence_threshold must be >= 0, got {self.zero3_persistence_threshold}"
+            )
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         if self.lr <= 0.0:

@@ -24,8 +24,9 @@ import dataclasses
 import os
 import random
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class PolicyWithValue(nn.Module):
     head on its last hidden state. Its forward returns logits (and values) at the
     completion positions only."""
 
-    def __init__(self, policy: nn.Module, value_head: Optional[nn.Module] = None):
+    def __init__(self, policy: nn.Module, value_head: nn.Module | None = None):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
@@ -74,18 +75,22 @@ class PolicyWithValue(nn.Module):
 
     def forward(
         self, inputs: dict[str, torch.Tensor], positions_BT: torch.Tensor, with_values: bool = False
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h_BTH = completion_hidden_states(self.hf_model, inputs, positions_BT)
         logits_BTV = self.hf_model.lm_head(h_BTH).float()
         values_BT = None
         if with_values:
             if self.value_head is None:
-                raise RuntimeError("with_values=True but the learner has no value head (critic.enabled)")
+                raise RuntimeError(
+                    "with_values=True but the learner has no value head (critic.enabled)"
+                )
             values_BT = self.value_head(h_BTH).squeeze(-1).float()
         return logits_BTV, values_BT
 
 
-def completion_hidden_states(hf_model: nn.Module, inputs: dict, positions_BT: torch.Tensor) -> torch.Tensor:
+def completion_hidden_states(
+    hf_model: nn.Module, inputs: dict, positions_BT: torch.Tensor
+) -> torch.Tensor:
     """Last hidden states `[B, T, H]` at `positions_BT` of a Qwen2.5-VL forward."""
     # transformers caches M-RoPE deltas on the model between calls; a stale value from
     # a previous batch (or a `generate`) must never leak into this one.
@@ -96,11 +101,15 @@ def completion_hidden_states(hf_model: nn.Module, inputs: dict, positions_BT: to
     return torch.gather(h_BLH, 1, idx)
 
 
-def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+def token_logprobs(
+    logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor
+) -> torch.Tensor:
     """log p(target) per position in fp32, 0 on padding."""
     logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
     logp_BT = logp_BTV.gather(-1, targets_BT[..., None]).squeeze(-1)
-    return torch.where(mask_BT.bool(), logp_BT, torch.zeros((), dtype=logp_BT.dtype, device=logp_BT.device))
+    return torch.where(
+        mask_BT.bool(), logp_BT, torch.zeros((), dtype=logp_BT.dtype, device=logp_BT.device)
+    )
 
 
 class _LinearWarmup:
@@ -115,7 +124,9 @@ class _LinearWarmup:
         return min(1.0, (step + 1) / self.warmup_steps)
 
 
-def _init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int) -> None:
+def _init_distributed(
+    rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int
+) -> None:
     import deepspeed
     import torch.distributed as dist
 
@@ -142,7 +153,7 @@ def _chunks(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
-Batch = Union[TrainBatch, SFTBatch]
+Batch = TrainBatch | SFTBatch
 
 
 class LearnerEngine:
@@ -164,6 +175,7 @@ class LearnerEngine:
         local_rank: int = 0,
     ):
         import deepspeed
+
         from repic_ray.models.loading import load_policy, load_processor, resolve_checkpoint
 
         if not 0 <= rank < world_size:
@@ -188,7 +200,7 @@ class LearnerEngine:
 
         # Full fine-tuning keeps a frozen copy as the reference; load it before ZeRO-3
         # is switched on below so that it stays a plain, unpartitioned model.
-        self.ref_model: Optional[nn.Module] = None
+        self.ref_model: nn.Module | None = None
         if not cfg.lora.enabled and cfg.loss.kl_beta > 0:
             self.ref_model = load_policy(cfg.model, dtype=self.dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
@@ -217,7 +229,9 @@ class LearnerEngine:
         if value_head is not None:
             groups.append({"params": list(value_head.parameters()), "lr": cfg.critic.lr})
         if not groups[0]["params"]:
-            raise ValueError("the policy has no trainable parameters (check lora.target_modules / freeze_vision)")
+            raise ValueError(
+                "the policy has no trainable parameters (check lora.target_modules / freeze_vision)"
+            )
         warmup = _LinearWarmup(cfg.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module,
@@ -225,7 +239,7 @@ class LearnerEngine:
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup),
         )
-        self._stage0_grad_norm: Optional[float] = None
+        self._stage0_grad_norm: float | None = None
         if cfg.zero_stage == 0 and cfg.dtype == "fp32":
             self._record_stage0_grad_norm()
 
@@ -244,7 +258,9 @@ class LearnerEngine:
             "managed_gradient_accumulation": False,
             # ZeRO-0 computes the norm only when clipping: an infinite bound measures it
             # without clipping.
-            "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 or cfg.zero_stage != 0 else float("inf"),
+            "gradient_clipping": cfg.grad_clip
+            if cfg.grad_clip > 0 or cfg.zero_stage != 0
+            else float("inf"),
             "optimizer": {
                 "type": "AdamW",
                 "params": {
@@ -271,7 +287,9 @@ class LearnerEngine:
         engine = self.engine
 
         def clip_and_record() -> None:
-            norm = clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+            norm = clip_grad_norm_(
+                engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+            )
             self._stage0_grad_norm = float(norm)
 
         engine.clip_fp32_gradients = clip_and_record
@@ -279,7 +297,9 @@ class LearnerEngine:
     def _prepare_policy(self, hf_model: nn.Module) -> nn.Module:
         cfg = self.cfg
         if cfg.gradient_checkpointing:
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             hf_model.config.use_cache = False
         if not cfg.lora.enabled:
             hf_model.requires_grad_(True)
@@ -315,7 +335,9 @@ class LearnerEngine:
         self._hf_ds_config = None
 
     # ---------------------------------------------------------------- input building
-    def _encode_prompt(self, text: str, paths: Sequence[str], where: str) -> dict[str, torch.Tensor]:
+    def _encode_prompt(
+        self, text: str, paths: Sequence[str], where: str
+    ) -> dict[str, torch.Tensor]:
         key = (text, tuple(paths))
         hit = self._prompt_cache.get(key)
         if hit is not None:
@@ -325,7 +347,9 @@ class LearnerEngine:
 
         n_slots = text.count(self.processor.image_token)
         if n_slots != len(paths):
-            raise ValueError(f"{where}: prompt has {n_slots} image placeholders but {len(paths)} image paths")
+            raise ValueError(
+                f"{where}: prompt has {n_slots} image placeholders but {len(paths)} image paths"
+            )
         images = [load_image(p) for p in paths]
         enc = qwen_mm_inputs(self.processor, text, images)
         item = {"input_ids": enc["input_ids"][0], "mm_token_type_ids": enc["mm_token_type_ids"][0]}
@@ -375,10 +399,17 @@ class LearnerEngine:
         }
         with_images = [p for p in prompts if "pixel_values" in p]
         if with_images:
-            inputs["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images]).to(self.dtype)
+            inputs["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images]).to(
+                self.dtype
+            )
             inputs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images])
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        return ModelInputs(inputs, positions_BT.to(self.device), targets_BT.to(self.device), mask_BT.to(self.device))
+        return ModelInputs(
+            inputs,
+            positions_BT.to(self.device),
+            targets_BT.to(self.device),
+            mask_BT.to(self.device),
+        )
 
     # ---------------------------------------------------------------- distributed sums
     def _all_sum(self, values: list[float]) -> list[float]:
@@ -399,7 +430,9 @@ class LearnerEngine:
 
     # ---------------------------------------------------------------- evaluation passes
     @torch.no_grad()
-    def _eval_pass(self, batch: Batch, *, reference: bool = False, values: bool = False) -> torch.Tensor:
+    def _eval_pass(
+        self, batch: Batch, *, reference: bool = False, values: bool = False
+    ) -> torch.Tensor:
         B, T = len(batch), max(len(c) for c in batch.completion_ids)
         out_BT = torch.zeros((B, T), dtype=torch.float32)
         self.engine.eval()
@@ -417,7 +450,9 @@ class LearnerEngine:
                     chunk_BT = self._reference_logprobs(mi)
                 else:
                     logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT)
-                    chunk_BT = token_logprobs(logits_BTV / self.cfg.loss.temperature, mi.targets_BT, mi.mask_BT)
+                    chunk_BT = token_logprobs(
+                        logits_BTV / self.cfg.loss.temperature, mi.targets_BT, mi.mask_BT
+                    )
                 out_BT[idx, : chunk_BT.shape[1]] = chunk_BT.float().cpu()
         finally:
             if self.cfg.zero_stage == 3:
@@ -433,7 +468,9 @@ class LearnerEngine:
             h_BTH = completion_hidden_states(self.ref_model, mi.inputs, mi.positions_BT)
             logits_BTV = self.ref_model.lm_head(h_BTH).float()
         else:
-            raise RuntimeError("no reference policy: full fine-tuning with loss.kl_beta = 0 keeps none")
+            raise RuntimeError(
+                "no reference policy: full fine-tuning with loss.kl_beta = 0 keeps none"
+            )
         return token_logprobs(logits_BTV / self.cfg.loss.temperature, mi.targets_BT, mi.mask_BT)
 
     def compute_logprobs(self, batch: Batch) -> torch.Tensor:
@@ -473,14 +510,16 @@ class LearnerEngine:
         cfg, lc = self.cfg, self.cfg.loss
         critic = self.module.value_head is not None
         if critic and (batch.returns_BT is None or batch.values_BT is None):
-            raise ValueError("train_step with critic.enabled needs batch.returns_BT and batch.values_BT")
+            raise ValueError(
+                "train_step with critic.enabled needs batch.returns_BT and batch.values_BT"
+            )
         # The reference pass runs before the update (adapter off; no dropout).
         if lc.kl_beta > 0 and batch.ref_logprobs_BT is None:
             batch = dataclasses.replace(batch, ref_logprobs_BT=self.compute_ref_logprobs(batch))
         normalizer = self._normalizer(batch, lc.loss_agg)
 
         self.engine.train()
-        sums = dict(loss=0.0, pg=0.0, vf=0.0, kl=0.0, clip=0.0, ent=0.0, tok=0.0)
+        sums = dict.fromkeys(("loss", "pg", "vf", "kl", "clip", "ent", "tok"), 0.0)
         for idx in _chunks(len(batch), cfg.micro_batch_size):
             mb = batch.select(idx)
             mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids)
@@ -497,7 +536,9 @@ class LearnerEngine:
                 mb.old_logprobs_BT.to(self.device),
                 mb.advantages_BT.to(self.device),
                 mi.mask_BT,
-                ref_logprobs_BT=None if mb.ref_logprobs_BT is None else mb.ref_logprobs_BT.to(self.device),
+                ref_logprobs_BT=None
+                if mb.ref_logprobs_BT is None
+                else mb.ref_logprobs_BT.to(self.device),
                 clip_low=lc.clip_low,
                 clip_high=lc.clip_high,
                 dual_clip=lc.dual_clip,
@@ -538,7 +579,7 @@ class LearnerEngine:
         normalizer = self._normalizer(batch, "token_mean")
         weights_BT = batch.token_weights_BT(cfg.loss.name_token_weight)
         self.engine.train()
-        sums = dict(loss=0.0, pg=0.0, vf=0.0, kl=0.0, clip=0.0, ent=0.0, tok=0.0)
+        sums = dict.fromkeys(("loss", "pg", "vf", "kl", "clip", "ent", "tok"), 0.0)
         for idx in _chunks(len(batch), cfg.micro_batch_size):
             mb = batch.select(idx)
             mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids)
@@ -550,7 +591,9 @@ class LearnerEngine:
             with torch.no_grad():
                 ent_BT = entropy_from_logits(logits_BTV.detach())
             sums["loss"] += float(loss.detach())
-            sums["pg"] += float((nll_BT.detach() * mi.mask_BT).sum()) / (normalizer * self.world_size)
+            sums["pg"] += float((nll_BT.detach() * mi.mask_BT).sum()) / (
+                normalizer * self.world_size
+            )
             sums["ent"] += float((ent_BT * mi.mask_BT).sum())
             sums["tok"] += float(mi.mask_BT.sum())
         return sums
@@ -600,7 +643,7 @@ class LearnerEngine:
         return merged_state_dict(self.hf_model)
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, ckpt_dir: str | os.PathLike, tag: Optional[str] = None) -> str:
+    def save_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> str:
         """Engine + optimizer + scheduler + RNG + step into `ckpt_dir/tag` (default
         `v<policy_version>`). Collective: call on every rank. Returns the tag."""
         tag = tag or f"v{self.policy_version}"
@@ -612,7 +655,7 @@ class LearnerEngine:
         torch.save(_rng_state(), Path(ckpt_dir) / tag / f"rng_rank{self.rank}.pt")
         return tag
 
-    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: Optional[str] = None) -> None:
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> None:
         """Restore a `save_checkpoint` (latest tag by default); the next step then
         computes exactly what it would have computed without the interruption."""
         if tag is None:
@@ -630,11 +673,17 @@ class LearnerEngine:
         if path is None:
             raise FileNotFoundError(f"no learner checkpoint in {ckpt_dir} (tag {tag!r})")
         self.policy_version = int(client["policy_version"])
-        _set_rng_state(torch.load(Path(ckpt_dir) / tag / f"rng_rank{self.rank}.pt", weights_only=False))
+        _set_rng_state(
+            torch.load(Path(ckpt_dir) / tag / f"rng_rank{self.rank}.pt", weights_only=False)
+        )
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

@@ -41,7 +41,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def lora_state_dict(model: PeftModel, adapter: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
+def lora_state_dict(
+    model: PeftModel, adapter: str = "default"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The adapter as `save_pretrained` writes it: (tensors, adapter_config dict).
 
     Keys look like `base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight`.
@@ -52,7 +54,9 @@ def lora_state_dict(model: PeftModel, adapter: str = "default") -> tuple[dict[st
         tensors = {k: _copy(v) for k, v in state.items()}
     for key, value in tensors.items():
         if value.numel() == 0:
-            raise RuntimeError(f"export_lora: {key} is empty after gathering (ZeRO-3 partition not gathered)")
+            raise RuntimeError(
+                f"export_lora: {key} is empty after gathering (ZeRO-3 partition not gathered)"
+            )
     config = _jsonable(model.peft_config[adapter].to_dict())
     config["inference_mode"] = True
     return tensors, config
@@ -92,7 +96,10 @@ def merged_state_dict(model: torch.nn.Module, adapter: str = "default") -> dict[
     """
     layers = _lora_layers(model)
     inside_lora = {
-        sub for name, layer in layers.items() for sub, _ in layer.named_modules(prefix=name) if sub != name
+        sub
+        for name, layer in layers.items()
+        for sub, _ in layer.named_modules(prefix=name)
+        if sub != name
     }
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -114,11 +121,15 @@ def merged_state_dict(model: torch.nn.Module, adapter: str = "default") -> dict[
     # The plain model's key set and order, from the model's own state_dict keys.
     keys = list(
         dict.fromkeys(
-            key.replace(".base_layer.", ".") for key in model.state_dict(keep_vars=True) if ".lora_" not in key
+            key.replace(".base_layer.", ".")
+            for key in model.state_dict(keep_vars=True)
+            if ".lora_" not in key
         )
     )
     missing = [k for k in keys if k not in out]
     extra = [k for k in out if k not in set(keys)]
     if missing or extra:
-        raise RuntimeError(f"merged_state_dict: key mismatch, missing {missing[:5]}, unexpected {extra[:5]}")
+        raise RuntimeError(
+            f"merged_state_dict: key mismatch, missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     return {k: out[k] for k in keys}

@@ -21,7 +21,9 @@ def main(rank: int, world_size: int, port: int, job_path: str, out_path: str) ->
     batch = job["shards"][rank]
     stats = [learner.train_step(batch) for _ in range(job["steps"])]
     lora, _ = learner.export_lora()
-    torch.save({"stats": stats, "lora": lora, "logprobs": learner.compute_logprobs(batch)}, out_path)
+    torch.save(
+        {"stats": stats, "lora": lora, "logprobs": learner.compute_logprobs(batch)}, out_path
+    )
 
 
 if __name__ == "__main__":

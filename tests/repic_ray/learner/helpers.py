@@ -36,7 +36,9 @@ def write_images(root: Path) -> dict[str, str]:
     return out
 
 
-def render_prompt(processor, n_images: int, text: str = "Give a personalized caption of this image.") -> str:
+def render_prompt(
+    processor, n_images: int, text: str = "Give a personalized caption of this image."
+) -> str:
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -61,7 +63,9 @@ def train_batch(processor, images, advantages_B, old_logprobs_BT=None) -> TrainB
     prompts, image_lists, completions = rl_rows(processor, images)
     T = max(len(c) for c in completions)
     old = torch.zeros(len(prompts), T) if old_logprobs_BT is None else old_logprobs_BT
-    return TrainBatch(prompts, image_lists, completions, old, torch.as_tensor(advantages_B, dtype=torch.float32))
+    return TrainBatch(
+        prompts, image_lists, completions, old, torch.as_tensor(advantages_B, dtype=torch.float32)
+    )
 
 
 def sft_batch(processor, images, weight_names: bool = False) -> SFTBatch:
@@ -75,19 +79,21 @@ def sft_batch(processor, images, weight_names: bool = False) -> SFTBatch:
 
 def tiny_config(**overrides) -> LearnerConfig:
     """LoRA r=8 without dropout (so every pass is deterministic), ZeRO-2, micro 2."""
-    base = dict(
-        model="tiny:qwen2.5-vl",
-        lora=LoraConfig(r=8, alpha=16.0, dropout=0.0),
-        zero_stage=2,
-        lr=1e-3,
-        micro_batch_size=2,
-        loss=LossConfig(kl_beta=0.04),
-    )
+    base = {
+        "model": "tiny:qwen2.5-vl",
+        "lora": LoraConfig(r=8, alpha=16.0, dropout=0.0),
+        "zero_stage": 2,
+        "lr": 1e-3,
+        "micro_batch_size": 2,
+        "loss": LossConfig(kl_beta=0.04),
+    }
     base.update(overrides)
     return LearnerConfig(**base)
 
 
-def hf_logprobs(model, processor, prompt: str, image_paths: list[str], completion: list[int]) -> torch.Tensor:
+def hf_logprobs(
+    model, processor, prompt: str, image_paths: list[str], completion: list[int]
+) -> torch.Tensor:
     """Log-probs of `completion` after `prompt` from one unpadded forward of a plain HF
     model over the whole sequence (the reference the learner must reproduce)."""
     from repic_ray.data.images import load_image

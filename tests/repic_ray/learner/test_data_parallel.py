@@ -41,7 +41,15 @@ def runs(tmp_path_factory):
         port = free_port()
         procs = [
             subprocess.Popen(
-                [sys.executable, str(WORKER), str(rank), "2", str(port), str(job), str(tmp / f"rank{rank}.pt")],
+                [
+                    sys.executable,
+                    str(WORKER),
+                    str(rank),
+                    "2",
+                    str(port),
+                    str(job),
+                    str(tmp / f"rank{rank}.pt"),
+                ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

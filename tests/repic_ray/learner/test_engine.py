@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
+from repic_ray.data.images import load_image
 from repic_ray.learner import LearnerEngine, TrainBatch
 from repic_ray.models.loading import load_policy, qwen_mm_inputs, vision_special_token_ids
-from repic_ray.data.images import load_image
 
 from .helpers import free_port, hf_logprobs, sft_batch, tiny_config, train_batch, write_images
 
@@ -54,7 +54,13 @@ def test_ref_logprobs_equal_unbatched_hf_forward(learner, hf_base, images):
     batch = train_batch(learner.processor, images, [0.0] * 4)
     got_BT = learner.compute_ref_logprobs(batch)
     for b in range(len(batch)):
-        want_T = hf_logprobs(hf_base, learner.processor, batch.prompt_texts[b], batch.image_paths[b], batch.completion_ids[b])
+        want_T = hf_logprobs(
+            hf_base,
+            learner.processor,
+            batch.prompt_texts[b],
+            batch.image_paths[b],
+            batch.completion_ids[b],
+        )
         n = len(batch.completion_ids[b])
         torch.testing.assert_close(got_BT[b, :n], want_T)
         assert torch.all(got_BT[b, n:] == 0.0)
@@ -92,7 +98,9 @@ def test_logprobs_match_generate_mrope_positions(learner, hf_base, images):
     with torch.no_grad(), learner.module.policy.disable_adapter():
         learner.engine.eval()
         logits_BTV, _ = learner.engine(mi.inputs, mi.positions_BT)
-    drift_T = torch.log_softmax(logits_BTV[0].float(), -1).gather(-1, mi.targets_BT[0][:, None])[:, 0]
+    drift_T = torch.log_softmax(logits_BTV[0].float(), -1).gather(-1, mi.targets_BT[0][:, None])[
+        :, 0
+    ]
     assert (drift_T - want_T).abs().max() > 1e-4
 
 
@@ -149,7 +157,12 @@ def test_micro_batching_and_checkpoint_resume(learner, images, tmp_path):
     finally:
         learner.cfg.micro_batch_size = 2
     # same micro size after a restore: bit-identical resumption
-    assert (c1.loss, c2.loss, c1.grad_norm, c2.grad_norm) == (a1.loss, a2.loss, a1.grad_norm, a2.grad_norm)
+    assert (c1.loss, c2.loss, c1.grad_norm, c2.grad_norm) == (
+        a1.loss,
+        a2.loss,
+        a1.grad_norm,
+        a2.grad_norm,
+    )
     for name in lora_a:
         assert torch.equal(lora_a[name], lora_c[name]), name
     # micro 1 vs 2: equal up to fp32 summation order
@@ -176,7 +189,13 @@ def test_export_lora_round_trips_into_peft(learner, images, tmp_path):
     fresh = PeftModel.from_pretrained(load_policy("tiny:qwen2.5-vl"), str(tmp_path)).eval()
     got_BT = learner.compute_logprobs(batch)
     for b in range(len(batch)):
-        want_T = hf_logprobs(fresh, learner.processor, batch.prompt_texts[b], batch.image_paths[b], batch.completion_ids[b])
+        want_T = hf_logprobs(
+            fresh,
+            learner.processor,
+            batch.prompt_texts[b],
+            batch.image_paths[b],
+            batch.completion_ids[b],
+        )
         torch.testing.assert_close(got_BT[b, : len(want_T)], want_T)
     # and the adapter is not a no-op: the base model gives other log-probs
     assert (learner.compute_ref_logprobs(batch) - got_BT).abs().max() > 1e-4
@@ -202,7 +221,9 @@ def test_export_full_equals_peft_merge_and_leaves_model_untouched(learner, image
     for key in want:
         torch.testing.assert_close(merged[key], want[key], msg=key)
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(merged[q], before[f"policy.base_model.model.{q.replace('.weight', '.base_layer.weight')}"])
+    assert not torch.equal(
+        merged[q], before[f"policy.base_model.model.{q.replace('.weight', '.base_layer.weight')}"]
+    )
 
 
 def test_sft_step_lowers_cross_entropy(learner, images):
@@ -224,5 +245,7 @@ def test_sft_step_lowers_cross_entropy(learner, images):
 def test_bad_batch_errors_name_the_record(learner, images):
     batch = train_batch(learner.processor, images, [0.0] * 4)
     batch.image_paths[1] = []  # prompt 1 has one placeholder
-    with pytest.raises(ValueError, match="sequence 1: prompt has 1 image placeholders but 0 image paths"):
+    with pytest.raises(
+        ValueError, match="sequence 1: prompt has 1 image placeholders but 0 image paths"
+    ):
         learner.compute_logprobs(batch)

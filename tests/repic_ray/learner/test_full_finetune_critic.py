@@ -36,7 +36,9 @@ def _ppo_batch(learner, images):
     batch = train_batch(learner.processor, images, [0.0] * 4)
     batch.old_logprobs_BT = learner.compute_logprobs(batch)
     mask_BT = batch.mask_BT
-    return dataclasses.replace(batch, returns_BT=mask_BT.clone(), values_BT=learner.compute_values(batch))
+    return dataclasses.replace(
+        batch, returns_BT=mask_BT.clone(), values_BT=learner.compute_values(batch)
+    )
 
 
 def test_critic_step_needs_returns(learner, images):
@@ -49,10 +51,14 @@ def test_reference_is_the_frozen_initial_model(learner, images):
     hf = load_policy("tiny:qwen2.5-vl")
     batch = train_batch(learner.processor, images, [1.0, -1.0, 0.5, -0.5])
     ref0 = learner.compute_ref_logprobs(batch)
-    want = hf_logprobs(hf, learner.processor, batch.prompt_texts[0], batch.image_paths[0], batch.completion_ids[0])
+    want = hf_logprobs(
+        hf, learner.processor, batch.prompt_texts[0], batch.image_paths[0], batch.completion_ids[0]
+    )
     torch.testing.assert_close(ref0[0, : len(want)], want)
     batch.old_logprobs_BT = learner.compute_logprobs(batch)
-    batch = dataclasses.replace(batch, returns_BT=batch.mask_BT, values_BT=learner.compute_values(batch))
+    batch = dataclasses.replace(
+        batch, returns_BT=batch.mask_BT, values_BT=learner.compute_values(batch)
+    )
     learner.train_step(batch)
     torch.testing.assert_close(learner.compute_ref_logprobs(batch), ref0)
     assert (learner.compute_logprobs(batch) - ref0).abs().max() > 1e-4
@@ -67,7 +73,9 @@ def test_full_finetune_trains_language_model_and_value_head_not_vision(learner, 
         if ".visual." in name:
             assert not changed and not after[name].requires_grad, name
     lm = [n for n in before if ".language_model.layers." in n]
-    assert lm and all(not torch.equal(before[n], after[n].detach()) for n in lm if n.endswith("proj.weight"))
+    assert lm and all(
+        not torch.equal(before[n], after[n].detach()) for n in lm if n.endswith("proj.weight")
+    )
     assert not torch.equal(before["value_head.weight"], after["value_head.weight"].detach())
 
 
@@ -100,4 +108,7 @@ def test_export_full_is_the_plain_state_dict(learner):
     own = learner.hf_model.state_dict()
     for key in plain:
         assert torch.equal(merged[key], own[key]), key
-    assert not torch.equal(merged["model.language_model.layers.0.mlp.up_proj.weight"], plain["model.language_model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        merged["model.language_model.layers.0.mlp.up_proj.weight"],
+        plain["model.language_model.layers.0.mlp.up_proj.weight"],
+    )

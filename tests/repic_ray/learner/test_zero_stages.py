@@ -18,7 +18,9 @@ STAGES = (0, 2, 3)
 
 
 def _trainable_grads(learner) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in learner.module.named_parameters() if p.requires_grad}
+    return {
+        n: p.grad.detach().clone() for n, p in learner.module.named_parameters() if p.requires_grad
+    }
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,9 @@ def runs(tmp_path_factory):
     out = {}
     for stage in STAGES:
         # threshold 0: partition every parameter, however small (the tiny model's are)
-        learner = LearnerEngine(tiny_config(zero_stage=stage, zero3_persistence_threshold=0), master_port=port)
+        learner = LearnerEngine(
+            tiny_config(zero_stage=stage, zero3_persistence_threshold=0), master_port=port
+        )
         try:
             batch = train_batch(learner.processor, images, [1.0, -1.0, 0.5, -0.5])
             logprobs0 = learner.compute_logprobs(batch)

@@ -36,6 +36,15 @@ def sft_learner_config(cfg: ExperimentConfig) -> LearnerConfig:
     return dataclasses.replace(cfg.learner, lora=lora, lr=cfg.sft.lr, loss=loss, seed=cfg.trainer.seed)
 
 
+def free_port() -> int:
+    """A free loopback port for the single-rank process group (others may be training)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def name_token_ids(tokenizer: Any, names: list[str]) -> set[int]:
     """Token ids that spell concept names (with and without a leading space)."""
     ids: set[int] = set()
@@ -83,6 +92,10 @@ def run_sft(cfg: ExperimentConfig, data_sft: Path | None = None) -> Path:
     from repic_ray.learner.engine import LearnerEngine
     from repic_ray.pipeline.episodes import load_run_data
 
+    if cfg.sft.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.sft.num_threads)
     data = load_run_data(cfg.data)
     path = data_sft or data.sft_path
     samples = [s for s in load_samples(path) if s.extra.get("task", "caption") in cfg.sft.tasks]
@@ -93,10 +106,10 @@ def run_sft(cfg: ExperimentConfig, data_sft: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     processor = load_processor(base)
     upweight = name_token_ids(processor.tokenizer, sorted(data.categories)) if cfg.sft.name_token_weight != 1 else set()
-    engine = LearnerEngine(sft_learner_config(cfg))
+    engine = LearnerEngine(sft_learner_config(cfg), master_port=free_port())
     sampler = PromptSampler(samples, seed=cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)
-    log_path = out.parent / "sft_log.jsonl"
+    log_path = out.parent / f"{out.name}_log.jsonl"
     start = time.perf_counter()
     with log_path.open("w") as logf:
         for step in range(1, cfg.sft.steps + 1):
@@ -107,4 +120,6 @@ def run_sft(cfg: ExperimentConfig, data_sft: Path | None = None) -> Path:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log.info("sft %s", rec)
+            if cfg.sft.save_every and step % cfg.sft.save_every == 0 and step < cfg.sft.steps:
+                save_hf_checkpoint(engine, base, out)
     return save_hf_checkpoint(engine, base, out)

@@ -1,0 +1,130 @@
+"""The Ray training pipeline on the tiny model: real Ray, vLLM, DeepSpeed and reward actors.
+
+One run (2 rollout workers, 1 reward actor, 1 learner) is shared by the tests in this
+module, in order: a step, a resumed step equal to the uninterrupted one, a killed rollout
+worker, a killed reward actor, a killed learner. Slow: ~3-6 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import ray
+
+from actors import driver
+from repic_ray.config import load_config
+from repic_ray.pipeline.config import ExperimentConfig
+
+pytestmark = pytest.mark.slow
+
+# Keys that must be identical between two runs of the same step (not wall-clock timings).
+DETERMINISTIC = ("reward/total_mean", "reward/total_std", "train/loss", "train/kl", "train/entropy",
+                 "response/length_mean", "reward/name/recall_mean", "reward/name/wrong_mean")
+
+
+def tiny_cfg(tmp_path, **over) -> ExperimentConfig:
+    args = [
+        "--learner.model", "tiny:qwen2.5-vl",
+        "--trainer.output_dir", str(tmp_path / "run"),
+        "--trainer.progress_bar", "false",
+        "--trainer.tensorboard", "false",
+        "--trainer.checkpoint_every", "1",
+        "--trainer.keep_checkpoints", "5",
+        "--algo.prompts_per_step", "2",
+        "--algo.group_size", "4",
+        "--sampling.max_tokens", "24",
+        "--eval_sampling.max_tokens", "24",
+        "--data.eval_ks", "[1, 3]",
+        "--data.eval_max_per_k", "2",
+        "--cluster.num_rollout_workers", "2",
+    ]
+    for key, value in over.items():
+        args += [f"--{key}", str(value)]
+    return load_config(ExperimentConfig, "configs/tiny_cpu.yaml", args)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ray_local):
+    cfg = tiny_cfg(tmp_path_factory.mktemp("driver"))
+    r = driver.start_run(cfg)
+    yield r
+    driver.shutdown(r)
+
+
+def same(a: dict, b: dict) -> None:
+    for key in DETERMINISTIC:
+        if key in a:
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (key, a[key], b[key])
+
+
+def test_step_metrics_and_versions(run):
+    metrics = driver.training_step(run)
+    run.metrics.write(metrics)
+    driver.save_checkpoint(run)
+    assert metrics["step"] == 1 and run.version == 1
+    for key in ("reward/total_mean", "reward/name_mean", "train/kl", "train/clip_frac", "train/entropy",
+                "response/length_mean", "rollout/logprob_mismatch", "time/generate", "time/reward",
+                "time/train", "time/sync", "perf/tokens_per_s"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    # the learner recomputed the rollout's log-probs on the same weights
+    assert metrics["rollout/logprob_mismatch"] < 1e-2
+    # both workers now serve version 1
+    assert ray.get([w.sync.remote(run.weights) for w in run.handles.rollout]) == [1, 1]
+    lines = (run.out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 1
+
+
+def test_resumed_step_equals_uninterrupted(run):
+    step2 = driver.training_step(run)
+    run.metrics.write(step2)
+    driver.save_checkpoint(run)
+    # back to the end of step 1, as `repic train --resume` does, and redo step 2
+    driver.restore_checkpoint(run, run.out / "checkpoints" / "step_000001")
+    assert run.step == 1 and run.version == 1
+    again = driver.training_step(run)
+    run.metrics.write(again)
+    assert again["step"] == 2
+    same(step2, again)
+    assert [json.loads(x)["step"] for x in (run.out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    driver.save_checkpoint(run)
+
+
+def test_killed_rollout_worker_is_restarted_and_its_work_redone(run):
+    before = ray.get(run.handles.rollout[0].pid.remote())
+    run.pending = driver.sample_rollouts(run)  # the step's rollouts are in flight...
+    ray.kill(run.handles.rollout[0], no_restart=False)  # ...when a worker dies
+    metrics = driver.training_step(run)  # collect_rollouts raises on any lost/duplicate sample
+    run.metrics.write(metrics)
+    after = ray.get(run.handles.rollout[0].pid.remote())
+    assert after != before
+    # the fresh process healed itself to the version published when the rollouts were
+    # launched (the step's update has since published the next one)
+    assert ray.get(run.handles.rollout[0].sync.remote(None)) == run.version - 1
+    assert metrics["rollout/staleness"] == 0
+    assert metrics["step"] == 3 and len(run.seen_uids) == 3 * run.cfg.algo.prompts_per_step
+
+
+def test_killed_reward_actor_is_restarted(run):
+    before = ray.get(run.handles.rewards[0].pid.remote())
+    ray.kill(run.handles.rewards[0], no_restart=False)
+    metrics = driver.training_step(run)
+    run.metrics.write(metrics)
+    assert ray.get(run.handles.rewards[0].pid.remote()) != before
+    assert metrics["step"] == 4
+
+
+def test_killed_learner_resumes_from_last_checkpoint(run):
+    driver.save_checkpoint(run)  # step 4
+    step5 = driver.training_step(run)
+    run.metrics.write(step5)
+    ray.kill(run.handles.learners.actors[0])  # no restart: the group must be rebuilt
+    run.cfg.trainer.steps = 6
+    run.cfg.trainer.eval_before = False
+    run.cfg.trainer.checkpoint_every = 0
+    run.data.eval_splits = {}
+    driver.fit(run)  # step 6 hits the dead learner: rebuild, restore step 4, redo steps 5 and 6
+    rows = [json.loads(x) for x in (run.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    same(step5, rows[4])

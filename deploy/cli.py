@@ -116,7 +116,7 @@ def run(cfg: ServeConfig, deployments: dict[str, dict[str, Any]], http: dict[str
     from ray import serve
 
     # Make `deploy` importable by the replicas when running from a checkout.
-    repo = str(Path(__file__).resolve().parents[2])
+    repo = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     from deploy.serve_app import application

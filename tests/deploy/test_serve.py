@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from repic_ray.config import from_dict
-from repic_ray.serving.cli import read_serve_yaml
+from deploy.cli import read_serve_yaml
 from repic_ray.serving.config import ServeConfig
 from repic_ray.serving.store import ConceptStore, StoreConfig
 

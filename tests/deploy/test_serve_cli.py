@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from repic_ray.config import ConfigError
-from repic_ray.serving.cli import _config, _parser, main, read_serve_yaml
+from deploy.cli import _config, _parser, main, read_serve_yaml
 from repic_ray.serving.store import ConceptStore, StoreConfig
 
-SERVE_YAML = Path(__file__).resolve().parents[3] / "deploy" / "serve.yaml"
+SERVE_YAML = Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml"
 
 
 def test_add_user_and_key_print_working_keys(tmp_path, capsys):

@@ -1,0 +1,19 @@
+"""bench/bench_rollout.py end to end, reduced: vLLM and HF generate engines, 2 prompts x 2 samples."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_rollout_bench_measures_both_engines(run_bench, positive):
+    out = run_bench("bench_rollout.py", "--model", "tiny:qwen2.5-vl", "--prompts", "2", "--n", "2",
+                    "--max-tokens", "8", "--iters", "1")
+    for engine in ("vllm", "hf_generate"):
+        positive(out[engine], "samples_per_s", "tokens_per_s", "seconds", "completion_tokens")
+        # every prompt answered with n samples
+        assert out[engine]["samples"] == 2 * 2
+    positive(out, "speedup_samples_per_s", "speedup_tokens_per_s")
+    # RePIC prompts: reference image(s) and the query
+    assert out["setup"]["images_per_prompt_max"] >= 2

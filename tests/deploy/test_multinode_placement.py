@@ -29,7 +29,7 @@ import ray
 import yaml
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-import actors.roles as roles
+from actors import roles
 from repic_ray.config import load_config
 from repic_ray.learner.config import LearnerConfig
 from repic_ray.pipeline.config import ClusterConfig, ExperimentConfig, RoleResources

@@ -298,9 +298,7 @@ def recover_learners(run: Run) -> None:
     """A learner rank died: rebuild the group and continue from the newest checkpoint."""
     cfg = run.cfg
     run.handles.learners.shutdown()
-    run.handles.learners = LearnerGroup(
-        cfg.learner, cfg.cluster.num_learners, cfg.cluster.learner, cfg.cluster.placement_strategy
-    )
+    run.handles.learners = make_learners(cfg)
     ckpts = checkpoint_dirs(run.out)
     if not ckpts:
         raise RuntimeError("a learner failed before the first checkpoint; nothing to resume from")
@@ -324,6 +322,10 @@ def init_ray(cfg: ExperimentConfig) -> bool:
         num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
                  _node_ip_address="127.0.0.1", log_to_driver=True)
+    elif "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Inside `ray job submit` / a KubeRay RayJob: the job's runtime env already applies
+        # (restating it makes Ray refuse to merge the two).
+        ray.init(address=cfg.cluster.address)
     else:
         ray.init(address=cfg.cluster.address, runtime_env=env)
     return True
@@ -340,6 +342,12 @@ def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+def make_learners(cfg: ExperimentConfig) -> LearnerGroup:
+    c = cfg.cluster
+    return LearnerGroup(cfg.learner, c.num_learners, c.learner, c.placement_strategy, c.master_port,
+                        c.placement_timeout_s)
+
+
 def start_run(cfg: ExperimentConfig) -> Run:
     cfg = prepare_config(cfg)
     out = Path(cfg.output_dir)
@@ -349,8 +357,7 @@ def start_run(cfg: ExperimentConfig) -> Run:
     processor = load_processor(cfg.rollout.tokenizer or cfg.rollout.model)
     workers, rollout_pg = create_rollout_workers(cfg)
     rewards, reward_pg = create_reward_actors(cfg)
-    learners = LearnerGroup(cfg.learner, cfg.cluster.num_learners, cfg.cluster.learner, cfg.cluster.placement_strategy,
-                            cfg.cluster.master_port)
+    learners = make_learners(cfg)
     handles = Handles(workers, rewards, learners, [rollout_pg, reward_pg])
     run = Run(cfg, out, data, processor, PromptSampler(data.train, seed=cfg.trainer.seed), handles,
               MetricsWriter(out, tensorboard=cfg.trainer.tensorboard))

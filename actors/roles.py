@@ -31,9 +31,19 @@ def _bundle(res: RoleResources, gpus_per_actor: float | None = None) -> dict[str
     return {k: v for k, v in bundle.items() if v}
 
 
-def _role_group(res: RoleResources, count: int, strategy: str, name: str, gpus: float | None = None):
-    pg = placement_group([_bundle(res, gpus) for _ in range(count)], strategy=strategy, name=name)
-    ray.get(pg.ready(), timeout=600)
+def _role_group(res: RoleResources, count: int, strategy: str, name: str, gpus: float | None = None,
+                timeout_s: float = 600.0):
+    """Reserve one bundle per actor of a role; fail clearly if the cluster cannot place them."""
+    bundle = _bundle(res, gpus)
+    pg = placement_group([bundle for _ in range(count)], strategy=strategy, name=name)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"role {name!r}: {count} x {bundle} ({strategy}) could not be placed within {timeout_s:.0f} s; "
+            f"cluster total {ray.cluster_resources()}, available {ray.available_resources()}"
+        ) from None
     return pg
 
 
@@ -47,7 +57,8 @@ def create_rollout_workers(cfg: ExperimentConfig) -> tuple[list[Any], PlacementG
     """N vLLM workers; each reserves `rollout.num_gpus x tensor_parallel_size` GPUs."""
     res = cfg.cluster.rollout
     gpus = res.num_gpus * cfg.rollout.tensor_parallel_size
-    pg = _role_group(res, cfg.cluster.num_rollout_workers, cfg.cluster.placement_strategy, "rollout", gpus)
+    pg = _role_group(res, cfg.cluster.num_rollout_workers, cfg.cluster.placement_strategy, "rollout", gpus,
+                     cfg.cluster.placement_timeout_s)
     cls = ray.remote(RolloutWorker)
     workers = [
         cls.options(
@@ -65,7 +76,8 @@ def create_rollout_workers(cfg: ExperimentConfig) -> tuple[list[Any], PlacementG
 
 def create_reward_actors(cfg: ExperimentConfig) -> tuple[list[Any], PlacementGroup]:
     res = cfg.cluster.reward
-    pg = _role_group(res, cfg.cluster.num_reward_actors, cfg.cluster.placement_strategy, "reward")
+    pg = _role_group(res, cfg.cluster.num_reward_actors, cfg.cluster.placement_strategy, "reward",
+                     timeout_s=cfg.cluster.placement_timeout_s)
     cls = ray.remote(RewardActor)
     actors = [
         cls.options(
@@ -112,10 +124,11 @@ class LearnerGroup:
     the full-batch gradient.
     """
 
-    def __init__(self, cfg: LearnerConfig, num: int, res: RoleResources, strategy: str, port: int = 0):
+    def __init__(self, cfg: LearnerConfig, num: int, res: RoleResources, strategy: str, port: int = 0,
+                 timeout_s: float = 600.0):
         self.cfg = cfg
         self.num = num
-        self.pg = _role_group(res, num, strategy, "learner")
+        self.pg = _role_group(res, num, strategy, "learner", timeout_s=timeout_s)
         addr, free_port = ray.get(_rendezvous_address.options(scheduling_strategy=_in_bundle(self.pg, 0)).remote())
         from repic_ray.learner.engine import LearnerEngine
 

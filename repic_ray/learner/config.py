@@ -58,6 +58,9 @@ class LossConfig:
     temperature: float = 1.0
     """Sampling temperature of the behaviour policy: logits are divided by it so the
     learner's log-probs are those the rollout sampled from."""
+    block_vision_tokens: bool = True
+    """Add the rollout engines' -100 logit bias to the vision special tokens (they never
+    sample them; `sampling.block_vision_tokens`), so learner and rollout log-probs agree."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (loss -= entropy_coef * entropy)."""
     name_token_weight: float = 1.0

@@ -36,6 +36,7 @@ from repic_ray.data.images import load_image
 from repic_ray.learner.batch import SFTBatch, TrainBatch, TrainStats
 from repic_ray.learner.config import LearnerConfig
 from repic_ray.learner.export import lora_state_dict, merged_state_dict
+from repic_ray.models.loading import vision_special_token_ids
 from repic_ray.rl.losses import aggregate_loss, entropy_from_logits, policy_loss, value_loss
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -56,15 +57,31 @@ class ModelInputs:
     """1.0 on completion tokens, 0.0 on padding."""
 
 
+#: Logit bias of never-sampled tokens: vLLM's largest allowed bias, as the rollout uses.
+BLOCKED_TOKEN_BIAS = -100.0
+
+
 class PolicyWithValue(nn.Module):
     """The trained module: the policy (peft-wrapped or plain) plus an optional value
     head on its last hidden state. Its forward returns logits (and values) at the
     completion positions only."""
 
-    def __init__(self, policy: nn.Module, value_head: nn.Module | None = None):
+    def __init__(
+        self,
+        policy: nn.Module,
+        value_head: nn.Module | None = None,
+        blocked_token_ids: Sequence[int] = (),
+        vocab_size: int = 0,
+    ):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
+        # The rollout engines add a -100 logit bias to tokens they never sample (the
+        # vision special tokens); the learner adds the same bias, so its log-probs are
+        # those of the distribution the rollout sampled from.
+        bias_V = torch.zeros(vocab_size or 1)
+        bias_V[list(blocked_token_ids)] = BLOCKED_TOKEN_BIAS
+        self.register_buffer("logit_bias_V", bias_V, persistent=False)
 
     @property
     def hf_model(self) -> nn.Module:
@@ -77,7 +94,7 @@ class PolicyWithValue(nn.Module):
         self, inputs: dict[str, torch.Tensor], positions_BT: torch.Tensor, with_values: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h_BTH = completion_hidden_states(self.hf_model, inputs, positions_BT)
-        logits_BTV = self.hf_model.lm_head(h_BTH).float()
+        logits_BTV = self.hf_model.lm_head(h_BTH).float() + self.logit_bias_V
         values_BT = None
         if with_values:
             if self.value_head is None:
@@ -223,7 +240,13 @@ class LearnerEngine:
             value_head = nn.Linear(hf_model.config.text_config.hidden_size, 1, dtype=self.dtype)
             nn.init.normal_(value_head.weight, std=1e-3)
             nn.init.zeros_(value_head.bias)
-        self.module = PolicyWithValue(policy, value_head)
+        blocked = (
+            vision_special_token_ids(self.processor.tokenizer)
+            if cfg.loss.block_vision_tokens
+            else []
+        )
+        vocab = hf_model.get_output_embeddings().weight.shape[0]
+        self.module = PolicyWithValue(policy, value_head, blocked, vocab)
 
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]
         if value_head is not None:
@@ -362,13 +385,29 @@ class LearnerEngine:
         return item
 
     def build_inputs(
-        self, prompt_texts: list[str], image_paths: list[list[str]], completion_ids: list[list[int]]
+        self,
+        prompt_texts: list[str],
+        image_paths: list[list[str]],
+        completion_ids: list[list[int]],
+        first_row: int = 0,
     ) -> ModelInputs:
-        """Process prompts (text + images) and append completions, right-padded."""
+        """Process prompts (text + images) and append completions, right-padded. Errors
+        name the row as `sequence <first_row + b>` (its index in the caller's batch)."""
         prompts = [
-            self._encode_prompt(t, p, f"sequence {b}")
+            self._encode_prompt(t, p, f"sequence {first_row + b}")
             for b, (t, p) in enumerate(zip(prompt_texts, image_paths))
         ]
+        # An <|image_pad|> in a completion would claim image features that do not exist
+        # (a random policy samples them unless the rollout forbids them).
+        placeholders = {self.processor.image_token_id, self.processor.video_token_id}
+        vocab = self.hf_model.config.text_config.vocab_size
+        for b, comp in enumerate(completion_ids):
+            bad = sorted({t for t in comp if t in placeholders or t >= vocab})
+            if bad:
+                raise ValueError(
+                    f"sequence {first_row + b}: completion holds token ids {bad} that are image/video "
+                    f"placeholders or outside the vocabulary ({vocab})"
+                )
         B = len(prompts)
         lengths = [len(p["input_ids"]) + len(c) for p, c in zip(prompts, completion_ids)]
         L, T = max(lengths), max(len(c) for c in completion_ids)
@@ -442,6 +481,7 @@ class LearnerEngine:
                     [batch.prompt_texts[i] for i in idx],
                     [batch.image_paths[i] for i in idx],
                     [batch.completion_ids[i] for i in idx],
+                    idx[0],
                 )
                 if values:
                     _, chunk_BT = self.engine(mi.inputs, mi.positions_BT, with_values=True)
@@ -466,7 +506,7 @@ class LearnerEngine:
                 logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT)
         elif self.ref_model is not None:
             h_BTH = completion_hidden_states(self.ref_model, mi.inputs, mi.positions_BT)
-            logits_BTV = self.ref_model.lm_head(h_BTH).float()
+            logits_BTV = self.ref_model.lm_head(h_BTH).float() + self.module.logit_bias_V
         else:
             raise RuntimeError(
                 "no reference policy: full fine-tuning with loss.kl_beta = 0 keeps none"
@@ -522,7 +562,7 @@ class LearnerEngine:
         sums = dict.fromkeys(("loss", "pg", "vf", "kl", "clip", "ent", "tok"), 0.0)
         for idx in _chunks(len(batch), cfg.micro_batch_size):
             mb = batch.select(idx)
-            mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids)
+            mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids, idx[0])
             logits_BTV, values_BT = self.engine(mi.inputs, mi.positions_BT, with_values=critic)
             logits_BTV = logits_BTV / lc.temperature
             logp_BT = token_logprobs(logits_BTV, mi.targets_BT, mi.mask_BT)
@@ -582,7 +622,7 @@ class LearnerEngine:
         sums = dict.fromkeys(("loss", "pg", "vf", "kl", "clip", "ent", "tok"), 0.0)
         for idx in _chunks(len(batch), cfg.micro_batch_size):
             mb = batch.select(idx)
-            mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids)
+            mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids, idx[0])
             logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT)
             nll_BT = -token_logprobs(logits_BTV, mi.targets_BT, mi.mask_BT)
             w_BT = weights_BT[idx, : nll_BT.shape[1]].to(self.device)

@@ -137,6 +137,9 @@ class ClusterConfig:
     weight_sync: Literal["lora", "full"] = "lora"
     """What the learner sends to rollout workers after each update: LoRA tensors (no
     merge) or merged full weights (through the object store)."""
+    placement_timeout_s: float = 600.0
+    """How long to wait for a role's placement group before failing with the cluster's
+    resources in the message (a role demanding resources no node has never places)."""
     max_actor_restarts: int = 3
     """Restarts of a rollout worker or reward actor before the run fails."""
     master_port: int = 0

@@ -280,22 +280,20 @@ def test_roles_land_on_the_nodes_their_resources_demand(sim_cluster, monkeypatch
 @pytest.mark.timeout(240)
 def test_role_demanding_a_missing_resource_stays_pending(sim_cluster):
     # No node offers `gpu_node`: the role's placement group can never be created. Ray
-    # keeps it pending (an autoscaler could still add such a node), so the driver only
-    # learns of it through a timeout on `pg.ready()`.
+    # keeps it pending (an autoscaler could still add such a node); the driver gives up
+    # after `cluster.placement_timeout_s` with a message naming the role and the
+    # cluster's resources, and removes the pending group.
     res = RoleResources(num_cpus=0, resources={"gpu_node": 1})
-    pg = placement_group([roles._bundle(res)], strategy="PACK", name="rollout")
-    try:
-        assert not pg.wait(timeout_seconds=3)
-        assert placement_group_table(pg)["state"] in {"PENDING", "INFEASIBLE"}
-        with pytest.raises(ray.exceptions.GetTimeoutError):
-            ray.get(pg.ready(), timeout=2)
-        # The feasible roles still place on the same cluster meanwhile.
-        ok = placement_group([roles._bundle(RoleResources(num_cpus=0, resources={"learner_node": 1}))])
-        assert ok.wait(timeout_seconds=30)
-        remove_placement_group(ok)
-    finally:
-        remove_placement_group(pg)
+    with pytest.raises(RuntimeError, match=r"role 'rollout'.*gpu_node.*could not be placed.*learner_node"):
+        roles._role_group(res, 1, "PACK", "rollout", timeout_s=3)
+    def pending_gpu_groups():
+        return [t for t in placement_group_table().values()
+                if t["state"] != "REMOVED" and any("gpu_node" in b for b in t["bundles"].values())]
+
     deadline = time.monotonic() + 30
-    while placement_group_table(pg)["state"] != "REMOVED" and time.monotonic() < deadline:
+    while pending_gpu_groups() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert not pending_gpu_groups()
+    # The feasible roles still place on the same cluster.
+    ok = roles._role_group(RoleResources(num_cpus=0, resources={"learner_node": 1}), 1, "PACK", "learner", timeout_s=30)
+    remove_placement_group(ok)

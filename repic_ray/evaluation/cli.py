@@ -1,11 +1,38 @@
-"""`repic eval`: name precision / recall / F1 (RePIC's metric) and caption metrics of a result file.
+"""`repic eval`: caption evaluation splits with a checkpoint, or score a caption result file.
+
+Generate and score (RePIC's evaluation; `repic_ray.evaluation.generate`)::
+
+    repic eval --checkpoint DIR|tiny:qwen2.5-vl [--adapter DIR] --data WORLD_OR_EVAL_DIR
+               [--retrieval {skip,topk}] [--top-k K] [--engine vllm|hf] [--ks 1 2 3 4 5]
+               [--max-per-k N] [--out DIR] [--method NAME]
+
+captions every query of `concepts_{k}.json` greedily, writes the RePIC result file of
+each split, metrics.json (name precision / recall / F1 per k and overall, BLEU-4 /
+METEOR / ROUGE-L / CIDEr; SPICE listed as unavailable offline, with the reason) under
+`OUT/METHOD/{skip-retrieval,retrieval}/`, and rebuilds `OUT/report.md` (one table row
+and one plot line per method and mode found under OUT; recall and F1 by number of
+concepts). `--retrieval skip` gives each query the split's own reference images (the
+ground-truth concepts plus listed absent ones); `--retrieval topk` retrieves the top-K
+concepts of the user's database per query (Grounding DINO crops + CLIP).
+
+Comparing zero-shot / SFT / RL: evaluate each into the same OUT, then read OUT/report.md::
+
+    repic eval --checkpoint tiny:qwen2.5-vl  --method zero-shot --suffix name --data W --out E
+    repic eval --checkpoint checkpoints/tiny-sft --method SFT --data W --out E
+    repic eval --checkpoint checkpoints/tiny-sft --adapter RUN/adapter --method RL --data W --out E
+
+(the RL row takes the policy the run exported: a merged model directory as
+--checkpoint, or the base checkpoint plus its LoRA adapter directory as --adapter).
+
+Score an existing result file (`[image, [concepts], caption, prompt]` records)::
 
     repic eval --captions results.json [--mode compat] [--json] [--references refs.json]
+               [--candidates names.json]
 
-`results.json` is a RePIC caption result file (`[image, [concepts], caption,
-prompt]` records). Scores print in percent with one decimal, overall and per
-number of ground-truth concepts. `--references` (`{image: [captions]}`) adds
-BLEU-4 / METEOR / ROUGE-L / CIDEr (SPICE reported as unavailable offline).
+Scores print in percent with one decimal, overall and per number of ground-truth
+concepts. `--references` (`{image: [captions]}`) adds the caption metrics. A generated
+split re-scores to exactly its metrics.json numbers with `--candidates candidates.json
+--references references.json` from its results folder.
 """
 
 from __future__ import annotations
@@ -13,8 +40,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from repic_ray.evaluation.metric import NameEvaluation, evaluate_names
 
@@ -65,19 +93,55 @@ def evaluate_file(
     )
 
 
+def score_file(
+    path: str | Path,
+    *,
+    mode: str = "default",
+    candidates: Sequence[str] | None = None,
+    case_sensitive: bool | None = None,
+    references: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """Name metric (and, with `references`, caption metrics) of a result file as a dict:
+    what `repic eval --captions path --json` prints, less the file name."""
+    records = load_result_file(path)
+    ev = evaluate_names(
+        [r.caption for r in records],
+        [r.concepts for r in records],
+        mode=mode,
+        candidates=candidates,
+        case_sensitive=case_sensitive,
+    )
+    out = ev.as_dict()
+    if references is not None:
+        from repic_ray.evaluation.caption_metrics import caption_metrics
+
+        missing = sorted({r.image for r in records} - set(references))
+        if missing:
+            raise ValueError(f"{path}: no references for image(s) {missing[:5]}")
+        out["caption_metrics"] = caption_metrics(
+            {str(i): r.caption for i, r in enumerate(records)},
+            {str(i): list(references[r.image]) for i, r in enumerate(records)},
+        ).as_dict()
+    return out
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def format_text(path: str, ev: NameEvaluation, caption: dict | None = None) -> str:
-    case = "case-sensitive" if ev.case_sensitive else "case-insensitive"
-    lines = [f"{path}: {ev.overall.records} captions, mode {ev.mode}, {case}"]
+def format_text(path: str, ev: NameEvaluation | dict, caption: dict | None = None) -> str:
+    """Text table of a result file's scores (`ev`: a `NameEvaluation` or `score_file`'s dict)."""
+    d = ev.as_dict() if isinstance(ev, NameEvaluation) else ev
+    case = "case-sensitive" if d["case_sensitive"] else "case-insensitive"
+    lines = [f"{path}: {d['overall']['records']} captions, mode {d['mode']}, {case}"]
     lines.append(f"{'concepts':<9} {'P':>6} {'R':>6} {'F1':>6} {'slots':>6}")
-    rows = [("all", ev.overall)] + [(str(k), m) for k, m in sorted(ev.by_k.items())]
+    rows = [("all", d["overall"])] + [(k, m) for k, m in sorted(d["by_k"].items(), key=lambda x: int(x[0]))]
     for label, m in rows:
         lines.append(
-            f"{label:<9} {_pct(m.precision):>6} {_pct(m.recall):>6} {_pct(m.f1):>6} {m.slots:>6}"
+            f"{label:<9} {_pct(m['precision']):>6} {_pct(m['recall']):>6} {_pct(m['f1']):>6} "
+            f"{m['slots']:>6}"
         )
+    caption = caption if caption is not None else d.get("caption_metrics")
     if caption is not None:
         for name, value in caption["scores"].items():
             lines.append(f"{name:<9} {_pct(value):>6}")
@@ -87,8 +151,18 @@ def format_text(path: str, ev: NameEvaluation, caption: dict | None = None) -> s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="repic eval", description=__doc__.split("\n")[0])
-    p.add_argument("--captions", required=True, help="RePIC caption result file (JSON)")
+    p = argparse.ArgumentParser(
+        prog="repic eval",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--captions", help="score this RePIC caption result file (JSON)")
+    what.add_argument(
+        "--checkpoint", help="caption the evaluation splits with this model directory, hub id "
+        "or tiny:qwen2.5-vl"
+    )
     p.add_argument(
         "--mode",
         choices=["default", "compat"],
@@ -105,7 +179,58 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument("--case-sensitive", dest="case_sensitive", action="store_true", default=None)
     case.add_argument("--ignore-case", dest="case_sensitive", action="store_false")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    g = p.add_argument_group("generation (with --checkpoint)")
+    g.add_argument("--adapter", help="peft LoRA adapter directory applied on the checkpoint")
+    g.add_argument("--data", help="synthetic world directory or folder of concepts_{k}.json")
+    g.add_argument("--database", help="concept database (default: the world's "
+                   "concepts/database.json)")
+    g.add_argument("--retrieval", choices=["skip", "topk"], default="skip",
+                   help="skip: the split's own references; topk: retrieve from the database")
+    g.add_argument("--top-k", type=int, default=5, help="concepts retrieved per query (topk)")
+    g.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    g.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                   help="numbers of concepts per query to evaluate")
+    g.add_argument("--max-per-k", type=int, help="evaluate the first N queries of each split")
+    g.add_argument("--out", default="eval_results", help="results root (default eval_results)")
+    g.add_argument("--method", default="", help="row label and results folder "
+                   "(default: the checkpoint's name)")
+    g.add_argument("--suffix", choices=["none", "name", "random", "bare"], default="none",
+                   help="question suffix: none (RePIC's own model) or name (zero-shot baselines)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--name-candidates", choices=["database", "ground_truth"], default="database",
+                   help="names looked for: the whole database or the ground truth (RePIC)")
+    g.add_argument("--no-caption-metrics", action="store_true",
+                   help="skip BLEU / METEOR / ROUGE-L / CIDEr (they start Java)")
     return p
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    """`repic eval --checkpoint ...`: run the evaluation, rebuild OUT/report.md."""
+    from repic_ray.evaluation.generate import EvalConfig, run_eval
+    from repic_ray.evaluation.report import write_results_report
+
+    if not args.data:
+        raise ValueError("--data: required with --checkpoint (a world or evaluation directory)")
+    cfg = EvalConfig(
+        checkpoint=args.checkpoint, adapter=args.adapter, data=args.data,
+        database=args.database, retrieval=args.retrieval, top_k=args.top_k, ks=list(args.ks),
+        max_per_k=args.max_per_k, engine=args.engine, dtype=args.dtype,
+        max_tokens=args.max_tokens, batch_size=args.batch_size, suffix=args.suffix,
+        candidates=args.name_candidates, name_mode=args.mode,
+        caption_metrics=not args.no_caption_metrics, method=args.method, out=args.out,
+    )
+    metrics = run_eval(cfg)
+    report = write_results_report(cfg.out)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        scores = {**metrics["name_metric"], "overall": metrics["overall"], "by_k": metrics["by_k"]}
+        print(format_text(str(cfg.out_dir()), scores, metrics["overall"]["caption_metrics"]))
+        print(f"results: {cfg.out_dir()}\nreport: {report}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,38 +238,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["eval"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    if args.checkpoint is not None:
+        return generate_main(args)
     candidates = None
     if args.candidates:
         candidates = json.loads(Path(args.candidates).read_text(encoding="utf-8"))
-        if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
-            raise ValueError(f"{args.candidates}: expected a JSON list of names")
-    records = load_result_file(args.captions)
-    ev = evaluate_names(
-        [r.caption for r in records],
-        [r.concepts for r in records],
-        mode=args.mode,
-        candidates=candidates,
-        case_sensitive=args.case_sensitive,
-    )
-    caption = None
-    if args.references:
-        from repic_ray.evaluation.caption_metrics import caption_metrics
-
-        refs = load_references(args.references)
-        missing = sorted({r.image for r in records} - set(refs))
-        if missing:
-            raise ValueError(f"{args.references}: no references for image(s) {missing[:5]}")
-        caption = caption_metrics(
-            {str(i): r.caption for i, r in enumerate(records)},
-            {str(i): refs[r.image] for i, r in enumerate(records)},
-        ).as_dict()
+        if candidates is not None and (
+            not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates)
+        ):
+            raise ValueError(f"{args.candidates}: expected a JSON list of names (or null)")
+    refs = load_references(args.references) if args.references else None
+    try:
+        scores = score_file(
+            args.captions, mode=args.mode, candidates=candidates,
+            case_sensitive=args.case_sensitive, references=refs,
+        )
+    except ValueError as exc:
+        if refs is not None and "no references for image" in str(exc):
+            raise ValueError(f"{args.references}: {exc}") from exc
+        raise
     if args.json:
-        out = {"captions": args.captions, **ev.as_dict()}
-        if caption is not None:
-            out["caption_metrics"] = caption
-        print(json.dumps(out, indent=2))
+        print(json.dumps({"captions": args.captions, **scores}, indent=2))
     else:
-        print(format_text(args.captions, ev, caption))
+        print(format_text(args.captions, scores))
     return 0
 
 

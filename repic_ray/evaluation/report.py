@@ -4,14 +4,24 @@
 
 writes `report/report.md` (P / R / F1 overall and per number of concepts, in
 percent) and `report/recall_by_k.png` / `report/f1_by_k.png`.
+
+    python -m repic_ray.evaluation.report --results eval_results/
+
+combines every `repic eval --checkpoint` run found under `eval_results/`
+(`METHOD/MODE/metrics.json`) into `eval_results/report.md`: one row and one plot
+line per method and retrieval mode, with caption metrics and retrieval recall.
+`repic eval --checkpoint` rebuilds that report after each run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from repic_ray.evaluation.cli import evaluate_file
 from repic_ray.evaluation.metric import NameEvaluation
@@ -41,15 +51,23 @@ def plot_by_k(
     evals: Mapping[str, NameEvaluation], out_path: str | Path, metric: str = "recall"
 ) -> Path:
     """Line plot of `metric` (recall / precision / f1, percent) against number of concepts per method."""
+    series = {
+        method: {k: getattr(m, metric) for k, m in ev.by_k.items()} for method, ev in evals.items()
+    }
+    return _plot_series(series, out_path, metric)
+
+
+def _plot_series(series: Mapping[str, Mapping[int, float]], out_path: str | Path, metric: str) -> Path:
+    """One line per label: value (fraction, drawn in percent) against number of concepts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method, ev in evals.items():
-        ks = sorted(ev.by_k)
-        ax.plot(ks, [100 * getattr(ev.by_k[k], metric) for k in ks], marker="o", label=method)
+    for label, values in series.items():
+        ks = sorted(values)
+        ax.plot(ks, [100 * values[k] for k in ks], marker="o", label=label)
     ax.set_xlabel("concepts in the image")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 100)
@@ -82,18 +100,117 @@ def write_report(
     return path
 
 
+# ---------------------------------------------------------------------------------------
+# Reports of `repic eval --checkpoint` runs (metrics.json files)
+
+CAPTION_COLUMNS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+@dataclass
+class EvalRun:
+    """One evaluated method in one retrieval mode, as its metrics.json records it."""
+
+    method: str
+    mode: str
+    """"skip-retrieval" or "retrieval"."""
+    metrics: dict[str, Any]
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} ({self.mode})"
+
+
+def load_eval_run(path: str | Path) -> EvalRun:
+    """A metrics.json written by `repic_ray.evaluation.generate.write_results`."""
+    path = Path(path)
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read evaluation metrics: {exc}") from exc
+    for key in ("overall", "by_k"):
+        if not isinstance(metrics, dict) or not isinstance(metrics.get(key), dict):
+            raise ValueError(f"{path}: field {key!r} missing; not a `repic eval` metrics.json")
+    settings = metrics.get("settings", {})
+    method = settings.get("method") or path.parent.parent.name
+    mode = settings.get("mode") or path.parent.name
+    return EvalRun(method, mode, metrics, path)
+
+
+def find_eval_runs(root: str | Path) -> list[EvalRun]:
+    """Every `METHOD/MODE/metrics.json` under `root`, sorted by method then mode."""
+    runs = [load_eval_run(p) for p in sorted(Path(root).glob("*/*/metrics.json"))]
+    return sorted(runs, key=lambda r: (r.method, r.mode))
+
+
+def results_table(runs: Sequence[EvalRun]) -> str:
+    """One row per run: P / R / F1 overall, recall per k, caption metrics (percent),
+    and retrieval recall in retrieval mode."""
+    ks = sorted({int(k) for r in runs for k in r.metrics["by_k"]})
+    head = ["method", "mode", "P", "R", "F1", *[f"R@{k}" for k in ks], *CAPTION_COLUMNS,
+            "retrieval R"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        o, by_k = r.metrics["overall"], r.metrics["by_k"]
+        cells = [r.method, r.mode, *(f"{100 * o[m]:.1f}" for m in ("precision", "recall", "f1"))]
+        cells += [f"{100 * by_k[str(k)]['recall']:.1f}" if str(k) in by_k else "–" for k in ks]
+        scores = (o.get("caption_metrics") or {}).get("scores", {})
+        cells += [f"{100 * scores[c]:.1f}" if c in scores else "–" for c in CAPTION_COLUMNS]
+        retrieval = r.metrics.get("retrieval")
+        cells.append(f"{100 * retrieval['recall']:.1f}" if retrieval else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
+    """report.md, recall_by_k.png and f1_by_k.png over every run under `root`."""
+    runs = find_eval_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"{root}: no METHOD/MODE/metrics.json found")
+    out_dir = Path(out_dir if out_dir is not None else root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for metric in ("recall", "f1"):
+        series = {r.label: {int(k): m[metric] for k, m in r.metrics["by_k"].items()} for r in runs}
+        _plot_series(series, out_dir / f"{metric}_by_k.png", metric)
+    unavailable: dict[str, str] = {}
+    for r in runs:
+        unavailable.update((r.metrics["overall"].get("caption_metrics") or {}).get("unavailable", {}))
+    name_mode = runs[0].metrics.get("name_metric", {}).get("mode", "default")
+    text = (
+        f"# Personalized captioning: name precision / recall (mode {name_mode})\n\n"
+        "Percent. P / R / F1 and caption metrics over all splits; R@k: recall on queries "
+        "with k concepts; retrieval R: ground-truth concepts among the retrieved ones.\n\n"
+        + results_table(runs)
+        + "\n\n"
+        + "".join(f"{name} unavailable: {why}\n\n" for name, why in sorted(unavailable.items()))
+        + "![recall by number of concepts](recall_by_k.png)\n"
+        + "![F1 by number of concepts](f1_by_k.png)\n"
+    )
+    path = out_dir / "report.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="repic report", description=__doc__.split("\n")[0])
-    p.add_argument(
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--method",
         action="append",
-        required=True,
         metavar="NAME=FILE",
         help="a method and its caption result file; repeat per method",
     )
-    p.add_argument("--out", required=True, help="output directory")
+    what.add_argument(
+        "--results", help="a `repic eval --checkpoint` results root (METHOD/MODE/metrics.json)"
+    )
+    p.add_argument("--out", help="output directory (default: the --results root)")
     p.add_argument("--mode", choices=["default", "compat"], default="default")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.results:
+        print(write_results_report(args.results, args.out))
+        return 0
+    if not args.out:
+        p.error("--out: required with --method")
     files = {}
     for item in args.method:
         name, sep, path = item.partition("=")

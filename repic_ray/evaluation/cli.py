@@ -135,7 +135,9 @@ def format_text(path: str, ev: NameEvaluation | dict, caption: dict | None = Non
     case = "case-sensitive" if d["case_sensitive"] else "case-insensitive"
     lines = [f"{path}: {d['overall']['records']} captions, mode {d['mode']}, {case}"]
     lines.append(f"{'concepts':<9} {'P':>6} {'R':>6} {'F1':>6} {'slots':>6}")
-    rows = [("all", d["overall"])] + [(k, m) for k, m in sorted(d["by_k"].items(), key=lambda x: int(x[0]))]
+    rows = [("all", d["overall"])] + [
+        (k, m) for k, m in sorted(d["by_k"].items(), key=lambda x: int(x[0]))
+    ]
     for label, m in rows:
         lines.append(
             f"{label:<9} {_pct(m['precision']):>6} {_pct(m['recall']):>6} {_pct(m['f1']):>6} "
@@ -160,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--captions", help="score this RePIC caption result file (JSON)")
     what.add_argument(
-        "--checkpoint", help="caption the evaluation splits with this model directory, hub id "
-        "or tiny:qwen2.5-vl"
+        "--checkpoint",
+        help="caption the evaluation splits with this model directory, hub id or tiny:qwen2.5-vl",
     )
     p.add_argument(
         "--mode",
@@ -183,27 +185,49 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("generation (with --checkpoint)")
     g.add_argument("--adapter", help="peft LoRA adapter directory applied on the checkpoint")
     g.add_argument("--data", help="synthetic world directory or folder of concepts_{k}.json")
-    g.add_argument("--database", help="concept database (default: the world's "
-                   "concepts/database.json)")
-    g.add_argument("--retrieval", choices=["skip", "topk"], default="skip",
-                   help="skip: the split's own references; topk: retrieve from the database")
+    g.add_argument(
+        "--database", help="concept database (default: the world's concepts/database.json)"
+    )
+    g.add_argument(
+        "--retrieval",
+        choices=["skip", "topk"],
+        default="skip",
+        help="skip: the split's own references; topk: retrieve from the database",
+    )
     g.add_argument("--top-k", type=int, default=5, help="concepts retrieved per query (topk)")
     g.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
-    g.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5],
-                   help="numbers of concepts per query to evaluate")
+    g.add_argument(
+        "--ks",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3, 4, 5],
+        help="numbers of concepts per query to evaluate",
+    )
     g.add_argument("--max-per-k", type=int, help="evaluate the first N queries of each split")
     g.add_argument("--out", default="eval_results", help="results root (default eval_results)")
-    g.add_argument("--method", default="", help="row label and results folder "
-                   "(default: the checkpoint's name)")
-    g.add_argument("--suffix", choices=["none", "name", "random", "bare"], default="none",
-                   help="question suffix: none (RePIC's own model) or name (zero-shot baselines)")
+    g.add_argument(
+        "--method", default="", help="row label and results folder (default: the checkpoint's name)"
+    )
+    g.add_argument(
+        "--suffix",
+        choices=["none", "name", "random", "bare"],
+        default="none",
+        help="question suffix: none (RePIC's own model) or name (zero-shot baselines)",
+    )
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--name-candidates", choices=["database", "ground_truth"], default="database",
-                   help="names looked for: the whole database or the ground truth (RePIC)")
-    g.add_argument("--no-caption-metrics", action="store_true",
-                   help="skip BLEU / METEOR / ROUGE-L / CIDEr (they start Java)")
+    g.add_argument(
+        "--name-candidates",
+        choices=["database", "ground_truth"],
+        default="database",
+        help="names looked for: the whole database or the ground truth (RePIC)",
+    )
+    g.add_argument(
+        "--no-caption-metrics",
+        action="store_true",
+        help="skip BLEU / METEOR / ROUGE-L / CIDEr (they start Java)",
+    )
     return p
 
 
@@ -215,12 +239,24 @@ def generate_main(args: argparse.Namespace) -> int:
     if not args.data:
         raise ValueError("--data: required with --checkpoint (a world or evaluation directory)")
     cfg = EvalConfig(
-        checkpoint=args.checkpoint, adapter=args.adapter, data=args.data,
-        database=args.database, retrieval=args.retrieval, top_k=args.top_k, ks=list(args.ks),
-        max_per_k=args.max_per_k, engine=args.engine, dtype=args.dtype,
-        max_tokens=args.max_tokens, batch_size=args.batch_size, suffix=args.suffix,
-        candidates=args.name_candidates, name_mode=args.mode,
-        caption_metrics=not args.no_caption_metrics, method=args.method, out=args.out,
+        checkpoint=args.checkpoint,
+        adapter=args.adapter,
+        data=args.data,
+        database=args.database,
+        retrieval=args.retrieval,
+        top_k=args.top_k,
+        ks=list(args.ks),
+        max_per_k=args.max_per_k,
+        engine=args.engine,
+        dtype=args.dtype,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        suffix=args.suffix,
+        candidates=args.name_candidates,
+        name_mode=args.mode,
+        caption_metrics=not args.no_caption_metrics,
+        method=args.method,
+        out=args.out,
     )
     metrics = run_eval(cfg)
     report = write_results_report(cfg.out)
@@ -250,8 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     refs = load_references(args.references) if args.references else None
     try:
         scores = score_file(
-            args.captions, mode=args.mode, candidates=candidates,
-            case_sensitive=args.case_sensitive, references=refs,
+            args.captions,
+            mode=args.mode,
+            candidates=candidates,
+            case_sensitive=args.case_sensitive,
+            references=refs,
         )
     except ValueError as exc:
         if refs is not None and "no references for image" in str(exc):

@@ -35,7 +35,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from repic_ray.data.formats import (
     CaptionRecord,
@@ -64,13 +64,13 @@ class EvalConfig:
 
     checkpoint: str = "tiny:qwen2.5-vl"
     """Policy: a Hugging Face model directory, a hub id or `tiny:qwen2.5-vl`."""
-    adapter: Optional[str] = None
+    adapter: str | None = None
     """A peft LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
     applied on `checkpoint`; None evaluates the checkpoint alone."""
     data: str = ""
     """A synthetic world directory (eval/concepts_{k}.json, concepts/database.json) or a
     directory holding concepts_{k}.json files directly."""
-    database: Optional[str] = None
+    database: str | None = None
     """Concept database JSON; None looks for concepts/database.json of the world (next to
     or above the eval folder). Required by retrieval mode and by database candidates."""
     retrieval: str = "skip"
@@ -79,7 +79,7 @@ class EvalConfig:
     """Concepts retrieved per query in retrieval mode (capped by the database size)."""
     ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     """Numbers of concepts per query to evaluate (files concepts_{k}.json); each must exist."""
-    max_per_k: Optional[int] = None
+    max_per_k: int | None = None
     """Evaluate only the first N queries of each split; None: all of them."""
     engine: str = "vllm"
     """Generation engine: "vllm" (`VLLMRolloutEngine`) or "hf" (transformers `generate`)."""
@@ -118,7 +118,9 @@ class EvalConfig:
         if not self.data:
             raise ValueError("data: must name a world or evaluation directory")
         if self.retrieval not in RETRIEVAL_MODES:
-            raise ValueError(f"retrieval: must be one of {list(RETRIEVAL_MODES)}, got {self.retrieval!r}")
+            raise ValueError(
+                f"retrieval: must be one of {list(RETRIEVAL_MODES)}, got {self.retrieval!r}"
+            )
         if self.engine not in ENGINES:
             raise ValueError(f"engine: must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.candidates not in CANDIDATE_SOURCES:
@@ -173,7 +175,7 @@ class EvalData:
     splits: dict[int, list[TrainSample]]
     """k -> queries with exactly k concepts (file order, cut to `max_per_k`)."""
     split_files: dict[int, Path]
-    database: Optional[ConceptDatabase]
+    database: ConceptDatabase | None
 
 
 def split_files(data: str | Path, ks: Sequence[int]) -> dict[int, Path]:
@@ -186,7 +188,8 @@ def split_files(data: str | Path, ks: Sequence[int]) -> dict[int, Path]:
         raise FileNotFoundError(f"data: {root} is not a directory")
     eval_dir = root / "eval" if (root / "eval").is_dir() else root
     have = sorted(
-        int(m[1]) for p in eval_dir.glob("concepts_*.json")
+        int(m[1])
+        for p in eval_dir.glob("concepts_*.json")
         if (m := re.fullmatch(r"concepts_(\d+)\.json", p.name))
     )
     missing = [k for k in ks if k not in have]
@@ -224,11 +227,19 @@ def load_eval_data(cfg: EvalConfig) -> EvalData:
             samples = samples[: cfg.max_per_k]
         for s in samples:
             if not s.concepts:
-                raise DataError(s.source, s.index, "evaluation samples need the present "
-                                "concept names", "concepts")
+                raise DataError(
+                    s.source,
+                    s.index,
+                    "evaluation samples need the present concept names",
+                    "concepts",
+                )
             if len(s.concepts) != k:
-                raise DataError(s.source, s.index, f"has {len(s.concepts)} concepts in a k={k} "
-                                "split", "concepts")
+                raise DataError(
+                    s.source,
+                    s.index,
+                    f"has {len(s.concepts)} concepts in a k={k} split",
+                    "concepts",
+                )
         splits[k] = samples
     db_path = find_database(cfg.data, cfg.database)
     if db_path is None and (cfg.retrieval == "topk" or cfg.candidates == "database"):
@@ -239,15 +250,20 @@ def load_eval_data(cfg: EvalConfig) -> EvalData:
         )
     database = load_database(db_path) if db_path is not None else None
     samples = [s for split in splits.values() for s in split]
-    check_images(database=database if cfg.retrieval == "topk" else None, samples=samples,
-                 decode=True)
+    check_images(
+        database=database if cfg.retrieval == "topk" else None, samples=samples, decode=True
+    )
     if database is not None and cfg.candidates == "database":
         names = set(database.names())
         for s in samples:
             unknown = [c for c in s.concepts or [] if c not in names]
             if unknown:
-                raise DataError(s.source, s.index, f"concepts {unknown} are not in the database "
-                                f"{database.path}", "concepts")
+                raise DataError(
+                    s.source,
+                    s.index,
+                    f"concepts {unknown} are not in the database {database.path}",
+                    "concepts",
+                )
     return EvalData(splits, files, database)
 
 
@@ -269,11 +285,14 @@ def question_of(sample: TrainSample, suffix: str, seed: int, uid: str) -> str:
     )
 
 
-def skip_retrieval_prompts(samples: Sequence[TrainSample], processor: Any, *, suffix: str,
-                           seed: int, uids: Sequence[str]) -> list[Prompt]:
+def skip_retrieval_prompts(
+    samples: Sequence[TrainSample], processor: Any, *, suffix: str, seed: int, uids: Sequence[str]
+) -> list[Prompt]:
     """The split's own prompts: its reference images (named), then the query."""
-    return [build_prompt(s, processor, rng=random.Random(f"{seed}:{uid}"), suffix_mode=suffix)
-            for s, uid in zip(samples, uids)]
+    return [
+        build_prompt(s, processor, rng=random.Random(f"{seed}:{uid}"), suffix_mode=suffix)
+        for s, uid in zip(samples, uids)
+    ]
 
 
 def reference_concepts(database: ConceptDatabase) -> list[Any]:
@@ -283,23 +302,43 @@ def reference_concepts(database: ConceptDatabase) -> list[Any]:
     out = []
     for c in database:
         images = [Path(p).read_bytes() for p in c.images]
-        out.append(ReferenceConcept(name=c.name, category=c.category, info=c.info, images=images,
-                                    image_sha256=[hashlib.sha256(b).hexdigest() for b in images]))
+        out.append(
+            ReferenceConcept(
+                name=c.name,
+                category=c.category,
+                info=c.info,
+                images=images,
+                image_sha256=[hashlib.sha256(b).hexdigest() for b in images],
+            )
+        )
     return out
 
 
-def retrieval_prompts(samples: Sequence[TrainSample], processor: Any, database: ConceptDatabase,
-                      retriever: Any, *, top_k: int, suffix: str, seed: int,
-                      uids: Sequence[str]) -> tuple[list[Prompt], list[Retrieved]]:
+def retrieval_prompts(
+    samples: Sequence[TrainSample],
+    processor: Any,
+    database: ConceptDatabase,
+    retriever: Any,
+    *,
+    top_k: int,
+    suffix: str,
+    seed: int,
+    uids: Sequence[str],
+) -> tuple[list[Prompt], list[Retrieved]]:
     """Per query: the top-K database concepts by `retriever.match`, their reference images
     (each followed by its name, best concept first), then the query."""
     concepts = reference_concepts(database)
     prompts, found = [], []
     for s, uid in zip(samples, uids):
-        matches = retriever.match(Path(s.query_image).read_bytes(), concepts, min(top_k, len(concepts)))
+        matches = retriever.match(
+            Path(s.query_image).read_bytes(), concepts, min(top_k, len(concepts))
+        )
         refs = [(p, m.name) for m in matches for p in database.by_name(m.name).images]
-        prompts.append(caption_prompt(s.query_image, refs, processor,
-                                      question=question_of(s, suffix, seed, uid)))
+        prompts.append(
+            caption_prompt(
+                s.query_image, refs, processor, question=question_of(s, suffix, seed, uid)
+            )
+        )
         found.append(Retrieved([m.name for m in matches], [m.score for m in matches]))
     return prompts, found
 
@@ -343,8 +382,10 @@ def load_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     config, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     for f in (config, weights):
         if not f.is_file():
-            raise FileNotFoundError(f"adapter: {path} has no {f.name} (expected a peft adapter "
-                                    "directory written by save_pretrained)")
+            raise FileNotFoundError(
+                f"adapter: {path} has no {f.name} (expected a peft adapter "
+                "directory written by save_pretrained)"
+            )
     try:
         peft_config = json.loads(config.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -352,15 +393,18 @@ def load_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return load_file(str(weights)), peft_config
 
 
-def greedy_captions(engine: Any, prompts: Sequence[Prompt], uids: Sequence[str],
-                    batch_size: int) -> list[str]:
+def greedy_captions(
+    engine: Any, prompts: Sequence[Prompt], uids: Sequence[str], batch_size: int
+) -> list[str]:
     """One greedy caption per prompt, in order."""
     from repic_ray.rollout.types import RolloutRequest
 
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = [RolloutRequest(uid=uid, prompt_text=p.text, image_paths=list(p.image_paths), n=1)
-                 for p, uid in zip(prompts[start:start + batch_size], uids[start:start + batch_size])]
+        batch = [
+            RolloutRequest(uid=uid, prompt_text=p.text, image_paths=list(p.image_paths), n=1)
+            for p, uid in zip(prompts[start : start + batch_size], uids[start : start + batch_size])
+        ]
         texts += [r.completions[0].text.strip() for r in engine.generate(batch)]
     return texts
 
@@ -369,11 +413,18 @@ def greedy_captions(engine: Any, prompts: Sequence[Prompt], uids: Sequence[str],
 # Outputs
 
 
-def write_results(out_dir: str | Path, splits: dict[int, list[TrainSample]],
-                  captions: dict[int, list[str]], prompts: dict[int, list[str]], *,
-                  candidates: list[str] | None, name_mode: str = "default",
-                  caption_metrics: bool = True, settings: dict[str, Any] | None = None,
-                  retrieved: dict[int, list[Retrieved]] | None = None) -> dict[str, Any]:
+def write_results(
+    out_dir: str | Path,
+    splits: dict[int, list[TrainSample]],
+    captions: dict[int, list[str]],
+    prompts: dict[int, list[str]],
+    *,
+    candidates: list[str] | None,
+    name_mode: str = "default",
+    caption_metrics: bool = True,
+    settings: dict[str, Any] | None = None,
+    retrieved: dict[int, list[Retrieved]] | None = None,
+) -> dict[str, Any]:
     """Write the result files of one evaluation and score them; returns metrics.json's content.
 
     Args:
@@ -393,12 +444,20 @@ def write_results(out_dir: str | Path, splits: dict[int, list[TrainSample]],
     for k, samples in splits.items():
         for s in samples:
             if caption_metrics and not s.reference_captions:
-                raise DataError(s.source, s.index, "caption metrics need reference captions "
-                                "(or turn caption metrics off)", "reference_captions")
+                raise DataError(
+                    s.source,
+                    s.index,
+                    "caption metrics need reference captions (or turn caption metrics off)",
+                    "reference_captions",
+                )
             refs = list(s.reference_captions or [])
             if references.setdefault(s.query_image, refs) != refs:
-                raise DataError(s.source, s.index, f"query image {s.query_image} appears again "
-                                "with other reference captions", "reference_captions")
+                raise DataError(
+                    s.source,
+                    s.index,
+                    f"query image {s.query_image} appears again with other reference captions",
+                    "reference_captions",
+                )
     refs_path = out / "references.json"
     refs_path.write_text(json.dumps(references, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     cands_path = out / "candidates.json"
@@ -407,18 +466,24 @@ def write_results(out_dir: str | Path, splits: dict[int, list[TrainSample]],
     files: dict[str, Path] = {}
     every: list[CaptionRecord] = []
     for k in sorted(splits):
-        records = [CaptionRecord(s.query_image, list(s.concepts or []), c, p)
-                   for s, c, p in zip(splits[k], captions[k], prompts[k], strict=True)]
+        records = [
+            CaptionRecord(s.query_image, list(s.concepts or []), c, p)
+            for s, c, p in zip(splits[k], captions[k], prompts[k], strict=True)
+        ]
         files[str(k)] = out / f"captions_k{k}.json"
         save_captions(records, files[str(k)])
         every += records
     files["all"] = out / "captions_all.json"
     save_captions(every, files["all"])
 
-    score = lambda f: score_file(  # noqa: E731
-        f, mode=name_mode, candidates=candidates,
-        references=references if caption_metrics else None,
-    )
+    def score(path: Path) -> dict[str, Any]:
+        return score_file(
+            path,
+            mode=name_mode,
+            candidates=candidates,
+            references=references if caption_metrics else None,
+        )
+
     overall = score(files["all"])
     by_k = {}
     for k in sorted(splits):
@@ -426,8 +491,11 @@ def write_results(out_dir: str | Path, splits: dict[int, list[TrainSample]],
         by_k[str(k)] = {**ev["overall"], "caption_metrics": ev.get("caption_metrics")}
     metrics: dict[str, Any] = {
         "settings": dict(settings or {}),
-        "name_metric": {"mode": overall["mode"], "case_sensitive": overall["case_sensitive"],
-                        "num_candidates": overall["num_candidates"]},
+        "name_metric": {
+            "mode": overall["mode"],
+            "case_sensitive": overall["case_sensitive"],
+            "num_candidates": overall["num_candidates"],
+        },
         "overall": {**overall["overall"], "caption_metrics": overall.get("caption_metrics")},
         "by_k": by_k,
         "files": {key: path.name for key, path in files.items()}
@@ -439,8 +507,9 @@ def write_results(out_dir: str | Path, splits: dict[int, list[TrainSample]],
     return metrics
 
 
-def _write_retrieved(out: Path, splits: dict[int, list[TrainSample]],
-                     retrieved: dict[int, list[Retrieved]]) -> dict[str, Any]:
+def _write_retrieved(
+    out: Path, splits: dict[int, list[TrainSample]], retrieved: dict[int, list[Retrieved]]
+) -> dict[str, Any]:
     """retrieved_k{k}.json and the retrieval recall (ground-truth concepts retrieved / slots)."""
     summary: dict[str, Any] = {"by_k": {}}
     total_hit = total = 0
@@ -451,10 +520,12 @@ def _write_retrieved(out: Path, splits: dict[int, list[TrainSample]],
             gt = list(s.concepts or [])
             hit += sum(g in r.names for g in gt)
             slots += len(gt)
-            rows.append({"image": s.query_image, "concepts": gt, "retrieved": r.names,
-                         "scores": r.scores})
-        (out / f"retrieved_k{k}.json").write_text(json.dumps(rows, indent=2) + "\n",
-                                                 encoding="utf-8")
+            rows.append(
+                {"image": s.query_image, "concepts": gt, "retrieved": r.names, "scores": r.scores}
+            )
+        (out / f"retrieved_k{k}.json").write_text(
+            json.dumps(rows, indent=2) + "\n", encoding="utf-8"
+        )
         summary["by_k"][str(k)] = {"recall": hit / slots if slots else 0.0, "slots": slots}
         total_hit, total = total_hit + hit, total + slots
     summary["recall"] = total_hit / total if total else 0.0
@@ -485,8 +556,9 @@ def run_eval(cfg: EvalConfig, *, engine: Any = None, retriever: Any = None) -> d
     retrieved: dict[int, list[Retrieved]] | None = None
     if cfg.retrieval == "skip":
         for k, split in data.splits.items():
-            prompts[k] = skip_retrieval_prompts(split, processor, suffix=cfg.suffix,
-                                                seed=cfg.seed, uids=uids[k])
+            prompts[k] = skip_retrieval_prompts(
+                split, processor, suffix=cfg.suffix, seed=cfg.seed, uids=uids[k]
+            )
     else:
         if retriever is None:
             from repic_ray.serving.retriever import ConceptRetriever
@@ -495,28 +567,47 @@ def run_eval(cfg: EvalConfig, *, engine: Any = None, retriever: Any = None) -> d
         retrieved = {}
         for k, split in data.splits.items():
             prompts[k], retrieved[k] = retrieval_prompts(
-                split, processor, data.database, retriever, top_k=cfg.top_k,
-                suffix=cfg.suffix, seed=cfg.seed, uids=uids[k])
+                split,
+                processor,
+                data.database,
+                retriever,
+                top_k=cfg.top_k,
+                suffix=cfg.suffix,
+                seed=cfg.seed,
+                uids=uids[k],
+            )
 
     # Greedy captions.
     if engine is None:
         max_images = max(len(p.image_paths) for ps in prompts.values() for p in ps)
         engine = build_engine(cfg, max_images)
-    captions = {k: greedy_captions(engine, prompts[k], uids[k], cfg.batch_size)
-                for k in sorted(prompts)}
+    captions = {
+        k: greedy_captions(engine, prompts[k], uids[k], cfg.batch_size) for k in sorted(prompts)
+    }
 
     # Result files and metrics.
-    candidates = (sorted(data.database.names())
-                  if cfg.candidates == "database" and data.database is not None else None)
+    candidates = (
+        sorted(data.database.names())
+        if cfg.candidates == "database" and data.database is not None
+        else None
+    )
     settings = {k: v for k, v in asdict(cfg).items() if k != "retriever"}
-    settings.update(method=cfg.method_name, mode=MODE_DIRS[cfg.retrieval],
-                    split_files={str(k): str(p) for k, p in data.split_files.items()},
-                    database=data.database.path if data.database is not None else None)
+    settings.update(
+        method=cfg.method_name,
+        mode=MODE_DIRS[cfg.retrieval],
+        split_files={str(k): str(p) for k, p in data.split_files.items()},
+        database=data.database.path if data.database is not None else None,
+    )
     if cfg.retrieval == "topk":
         settings["retriever"] = asdict(cfg.retriever)
     return write_results(
-        cfg.out_dir(), data.splits, captions,
+        cfg.out_dir(),
+        data.splits,
+        captions,
         {k: [p.text for p in ps] for k, ps in prompts.items()},
-        candidates=candidates, name_mode=cfg.name_mode, caption_metrics=cfg.caption_metrics,
-        settings=settings, retrieved=retrieved,
+        candidates=candidates,
+        name_mode=cfg.name_mode,
+        caption_metrics=cfg.caption_metrics,
+        settings=settings,
+        retrieved=retrieved,
     )

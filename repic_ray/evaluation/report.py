@@ -16,8 +16,8 @@ line per method and retrieval mode, with caption metrics and retrieval recall.
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +57,9 @@ def plot_by_k(
     return _plot_series(series, out_path, metric)
 
 
-def _plot_series(series: Mapping[str, Mapping[int, float]], out_path: str | Path, metric: str) -> Path:
+def _plot_series(
+    series: Mapping[str, Mapping[int, float]], out_path: str | Path, metric: str
+) -> Path:
     """One line per label: value (fraction, drawn in percent) against number of concepts."""
     import matplotlib
 
@@ -130,7 +132,9 @@ def load_eval_run(path: str | Path) -> EvalRun:
         raise ValueError(f"{path}: cannot read evaluation metrics: {exc}") from exc
     for key in ("overall", "by_k"):
         if not isinstance(metrics, dict) or not isinstance(metrics.get(key), dict):
-            raise ValueError(f"{path}: field {key!r} missing; not a `repic eval` metrics.json")
+            raise ValueError(  # noqa: TRY004
+                f"{path}: field {key!r} missing; not a `repic eval` metrics.json"
+            )
     settings = metrics.get("settings", {})
     method = settings.get("method") or path.parent.parent.name
     mode = settings.get("mode") or path.parent.name
@@ -147,8 +151,16 @@ def results_table(runs: Sequence[EvalRun]) -> str:
     """One row per run: P / R / F1 overall, recall per k, caption metrics (percent),
     and retrieval recall in retrieval mode."""
     ks = sorted({int(k) for r in runs for k in r.metrics["by_k"]})
-    head = ["method", "mode", "P", "R", "F1", *[f"R@{k}" for k in ks], *CAPTION_COLUMNS,
-            "retrieval R"]
+    head = [
+        "method",
+        "mode",
+        "P",
+        "R",
+        "F1",
+        *[f"R@{k}" for k in ks],
+        *CAPTION_COLUMNS,
+        "retrieval R",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         o, by_k = r.metrics["overall"], r.metrics["by_k"]
@@ -174,7 +186,9 @@ def write_results_report(root: str | Path, out_dir: str | Path | None = None) ->
         _plot_series(series, out_dir / f"{metric}_by_k.png", metric)
     unavailable: dict[str, str] = {}
     for r in runs:
-        unavailable.update((r.metrics["overall"].get("caption_metrics") or {}).get("unavailable", {}))
+        unavailable.update(
+            (r.metrics["overall"].get("caption_metrics") or {}).get("unavailable", {})
+        )
     name_mode = runs[0].metrics.get("name_metric", {}).get("mode", "default")
     text = (
         f"# Personalized captioning: name precision / recall (mode {name_mode})\n\n"

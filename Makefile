@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export REPIC_CACHE ?= $(CURDIR)/.cache/repic
 
-.PHONY: install install-gpu demo test test-fast lint clean-cache
+.PHONY: install install-gpu system-deps demo test test-fast lint
 
 install: $(STAMP)
 
@@ -37,8 +37,12 @@ install-gpu:
 demo: install
 	$(PY) -m actors.cli train --config configs/tiny_cpu.yaml
 
-test: install
-	$(PY) -m pytest -q
+# System packages some tests need (PostgreSQL server binaries, headless Chromium).
+system-deps:
+	for setup in .ci/setup-*.sh; do bash "$$setup" || exit 1; done
+
+test: install system-deps
+	$(PY) -m pytest -q -rs
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -200,8 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ks",
         type=int,
         nargs="+",
-        default=[1, 2, 3, 4, 5],
-        help="numbers of concepts per query to evaluate",
+        help="numbers of concepts per query to evaluate (default: every split found)",
     )
     g.add_argument("--max-per-k", type=int, help="evaluate the first N queries of each split")
     g.add_argument("--out", default="eval_results", help="results root (default eval_results)")
@@ -245,7 +244,7 @@ def generate_main(args: argparse.Namespace) -> int:
         database=args.database,
         retrieval=args.retrieval,
         top_k=args.top_k,
-        ks=list(args.ks),
+        ks=args.ks,
         max_per_k=args.max_per_k,
         engine=args.engine,
         dtype=args.dtype,

@@ -77,8 +77,9 @@ class EvalConfig:
     """"skip": the split's own reference images; "topk": the top-K retrieved concepts."""
     top_k: int = 5
     """Concepts retrieved per query in retrieval mode (capped by the database size)."""
-    ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    """Numbers of concepts per query to evaluate (files concepts_{k}.json); each must exist."""
+    ks: list[int] | None = None
+    """Numbers of concepts per query to evaluate (files concepts_{k}.json); each must exist.
+    None: every split found (RePIC's 1 to 5 concepts)."""
     max_per_k: int | None = None
     """Evaluate only the first N queries of each split; None: all of them."""
     engine: str = "vllm"
@@ -131,7 +132,9 @@ class EvalConfig:
             raise ValueError(f"dtype: must be auto/float32/bfloat16/float16, got {self.dtype!r}")
         if self.top_k < 1:
             raise ValueError(f"top_k: must be >= 1, got {self.top_k}")
-        if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
+        if self.ks is not None and (
+            not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks)
+        ):
             raise ValueError(f"ks: must be distinct numbers >= 1, got {self.ks}")
         if self.max_per_k is not None and self.max_per_k < 1:
             raise ValueError(f"max_per_k: must be >= 1, got {self.max_per_k}")
@@ -178,11 +181,12 @@ class EvalData:
     database: ConceptDatabase | None
 
 
-def split_files(data: str | Path, ks: Sequence[int]) -> dict[int, Path]:
-    """k -> concepts_{k}.json under a world (`data/eval/`) or an eval directory (`data/`).
+def split_files(data: str | Path, ks: Sequence[int] | None = None) -> dict[int, Path]:
+    """k -> concepts_{k}.json under a world (`data/eval/`) or an eval directory (`data/`);
+    `ks=None`: every split there.
 
     Raises `FileNotFoundError` naming the directory and the splits it has when a requested
-    k has no file."""
+    k has no file (or, for `ks=None`, when there is none)."""
     root = Path(data)
     if not root.is_dir():
         raise FileNotFoundError(f"data: {root} is not a directory")
@@ -192,6 +196,10 @@ def split_files(data: str | Path, ks: Sequence[int]) -> dict[int, Path]:
         for p in eval_dir.glob("concepts_*.json")
         if (m := re.fullmatch(r"concepts_(\d+)\.json", p.name))
     )
+    if ks is None:
+        if not have:
+            raise FileNotFoundError(f"data: {eval_dir} has no concepts_{{k}}.json split")
+        ks = have
     missing = [k for k in ks if k not in have]
     if missing:
         raise FileNotFoundError(
@@ -394,18 +402,25 @@ def load_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def greedy_captions(
-    engine: Any, prompts: Sequence[Prompt], uids: Sequence[str], batch_size: int
+    engine: Any,
+    prompts: Sequence[Prompt],
+    uids: Sequence[str],
+    *,
+    batch_size: int,
+    max_tokens: int,
 ) -> list[str]:
-    """One greedy caption per prompt, in order."""
+    """One greedy caption per prompt, in order (vision special tokens blocked)."""
+    from repic_ray.rollout.config import SamplingConfig
     from repic_ray.rollout.types import RolloutRequest
 
+    sampling = SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens)
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = [
             RolloutRequest(uid=uid, prompt_text=p.text, image_paths=list(p.image_paths), n=1)
             for p, uid in zip(prompts[start : start + batch_size], uids[start : start + batch_size])
         ]
-        texts += [r.completions[0].text.strip() for r in engine.generate(batch)]
+        texts += [r.completions[0].text.strip() for r in engine.generate(batch, sampling)]
     return texts
 
 
@@ -582,7 +597,10 @@ def run_eval(cfg: EvalConfig, *, engine: Any = None, retriever: Any = None) -> d
         max_images = max(len(p.image_paths) for ps in prompts.values() for p in ps)
         engine = build_engine(cfg, max_images)
     captions = {
-        k: greedy_captions(engine, prompts[k], uids[k], cfg.batch_size) for k in sorted(prompts)
+        k: greedy_captions(
+            engine, prompts[k], uids[k], batch_size=cfg.batch_size, max_tokens=cfg.max_tokens
+        )
+        for k in sorted(prompts)
     }
 
     # Result files and metrics.

@@ -81,6 +81,7 @@ def run_trl(cfg: Any, samples: list, categories: dict[str, str], steps: int, war
     from trl import GRPOConfig, GRPOTrainer
 
     from repic_ray.models.loading import load_processor
+    from repic_ray.rollout.common import vision_token_ids
 
     P, G = cfg.algo.prompts_per_step, cfg.algo.group_size
     micro = min(cfg.learner.micro_batch_size, P * G)
@@ -88,6 +89,10 @@ def run_trl(cfg: Any, samples: list, categories: dict[str, str], steps: int, war
         raise ValueError(f"P x G = {P * G} must be a multiple of learner.micro_batch_size={micro}")
     processor = load_processor(cfg.rollout.tokenizer or cfg.rollout.model)
     dataset = build_dataset(samples, processor, cfg.trainer.seed)
+    # As TRL loads a processor itself: prompts are left-padded for generation (right padding
+    # misaligns the processor's mm_token_type_ids with TRL's left-padded prompt ids).
+    processor.tokenizer.padding_side = "left"
+    processor.tokenizer.truncation_side = "left"
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
@@ -131,6 +136,10 @@ def run_trl(cfg: Any, samples: list, categories: dict[str, str], steps: int, war
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # TRL suppresses only `<|image_pad|>`; a sampled `<|vision_start|>` (a random or weak
+        # policy does sample it) breaks Qwen2.5-VL's M-RoPE index in the log-prob forward.
+        # Block every vision special token, as our engines do.
+        generation_kwargs={"suppress_tokens": vision_token_ids(processor.tokenizer)},
     )
     lora = cfg.learner.lora
     trainer = GRPOTrainer(

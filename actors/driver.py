@@ -22,6 +22,7 @@ embedded default trains a tiny random-init model on a synthetic world on CPU.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import ray
@@ -40,11 +41,16 @@ import torch
 from actors.roles import LearnerGroup, create_reward_actors, create_rollout_workers
 from actors.workers import WeightsRef
 from repic_ray.config import dump_yaml, to_dict
-from repic_ray.learner.batch import TrainBatch
 from repic_ray.models.loading import load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
-from repic_ray.pipeline.episodes import RunData, caption_records, load_run_data, make_request, reward_inputs
-from repic_ray.pipeline.experience import compute_advantages, concat_reward_outputs, pad_right
+from repic_ray.pipeline.episodes import (
+    RunData,
+    caption_records,
+    load_run_data,
+    make_request,
+    reward_inputs,
+)
+from repic_ray.pipeline.experience import compute_advantages, concat_reward_outputs, rollout_batch
 from repic_ray.pipeline.metrics import MetricsWriter, evaluate_split_metrics
 from repic_ray.pipeline.sampler import PromptSampler
 from repic_ray.rewards.base import RewardOutput
@@ -79,8 +85,8 @@ class Run:
     metrics: MetricsWriter
     step: int = 0
     version: int = 0
-    weights: Optional[WeightsRef] = None
-    pending: Optional[tuple] = None
+    weights: WeightsRef | None = None
+    pending: tuple | None = None
     """Async mode: (items, requests, result refs, version) of the next step's rollout."""
     seen_uids: set = field(default_factory=set)
 
@@ -102,7 +108,7 @@ class PhaseTimer:
 def split_evenly(items: list, parts: int) -> list[list]:
     """Contiguous, near-equal chunks (some may be empty when items < parts)."""
     bounds = np.linspace(0, len(items), parts + 1).astype(int)
-    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [items[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def launch_rollouts(run: Run, requests: list[RolloutRequest], sampling) -> list:
@@ -169,13 +175,7 @@ def training_step(run: Run) -> dict[str, float]:
 
     # 4. experience: old log-probs, advantages
     with timer("experience"):
-        batch = TrainBatch(
-            prompt_texts=[r.prompt_text for r, _ in completions],
-            image_paths=[list(r.image_paths) for r, _ in completions],
-            completion_ids=[c.token_ids for _, c in completions],
-            old_logprobs_BT=pad_right([c.logprobs for _, c in completions]),
-            advantages_BT=torch.zeros(len(completions)),
-        )
+        batch = rollout_batch(completions)
         mask_BT = batch.mask_BT
         learner_lp_BT = run.handles.learners.compute_logprobs(batch)
         mismatch = float(((learner_lp_BT - batch.old_logprobs_BT).abs() * mask_BT).sum() / mask_BT.sum())

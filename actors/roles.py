@@ -8,7 +8,7 @@ independently and land on the nodes their resources demand.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import ray

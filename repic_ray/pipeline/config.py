@@ -8,7 +8,7 @@ YAML recipes under `configs/` override these defaults; see `repic_ray.config`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from repic_ray.learner.config import LearnerConfig
 from repic_ray.rewards import RewardConfig
@@ -19,7 +19,7 @@ TASKS = ("yes_no", "yes_no_name", "yes_no_name_multi", "iou")
 
 @dataclass
 class DataConfig:
-    world_dir: Optional[str] = None
+    world_dir: str | None = None
     """Directory of a synthetic world (`python -m repic_ray.data.synthetic --out DIR`).
     When None and no real-data paths are given, a world is generated under
     `$REPIC_CACHE/worlds/` from the `world_*` settings below (cached by them)."""
@@ -37,13 +37,13 @@ class DataConfig:
     """SFT caption samples in the generated world."""
     world_num_eval_per_k: int = 30
     """Evaluation query images per concept count k in the generated world."""
-    train_file: Optional[str] = None
+    train_file: str | None = None
     """RePIC-format training samples (JSON / JSONL) of a real dataset; overrides the world."""
-    sft_file: Optional[str] = None
+    sft_file: str | None = None
     """SFT samples of a real dataset."""
-    eval_dir: Optional[str] = None
+    eval_dir: str | None = None
     """Directory holding `concepts_{k}.json` evaluation splits of a real dataset."""
-    concept_db: Optional[str] = None
+    concept_db: str | None = None
     """Concept database (RAP/RePIC `concept_dict` schema) of a real dataset."""
     train_tasks: list[str] = field(default_factory=lambda: ["yes_no_name", "yes_no_name_multi"])
     """Which `accu_reward_method`s of the training file to train on."""
@@ -116,9 +116,9 @@ class RoleResources:
 
 @dataclass
 class ClusterConfig:
-    address: Optional[str] = "local"
+    address: str | None = "local"
     """`local` starts a private local cluster; `auto` or `ray://host:port` joins one."""
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
     """CPUs of the local cluster (None = detected); ignored when joining."""
     num_rollout_workers: int = 1
     """vLLM rollout workers, N."""
@@ -193,7 +193,7 @@ class SFTConfig:
     """Up-weight the cross-entropy of concept-name tokens by this factor."""
     tasks: list[str] = field(default_factory=lambda: ["caption"])
     """Which SFT sample kinds to train on (as written in the SFT file's `task`)."""
-    output: Optional[str] = None
+    output: str | None = None
     """Where the SFT checkpoint is written (default `{output_dir}/sft`)."""
     log_every: int = 50
     """Log SFT loss every N steps."""

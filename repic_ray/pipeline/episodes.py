@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from repic_ray.data.formats import (
     CaptionRecord,
@@ -34,9 +34,9 @@ class RunData:
 
     train: list[TrainSample]
     eval_splits: dict[int, list[TrainSample]]
-    database: Optional[ConceptDatabase]
-    world_dir: Optional[Path] = None
-    sft_path: Optional[Path] = None
+    database: ConceptDatabase | None
+    world_dir: Path | None = None
+    sft_path: Path | None = None
     categories: dict[str, str] = field(default_factory=dict)
     """Concept name -> category word (detector prompts)."""
 

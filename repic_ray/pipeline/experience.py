@@ -6,17 +6,16 @@ and its constants, not the experiment config).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 
+from repic_ray.learner.batch import TrainBatch
 from repic_ray.rewards.base import RewardOutput
 from repic_ray.rl import advantages as adv
-from repic_ray.rl.kl import apply_kl_to_rewards
+from repic_ray.rollout.types import Completion, RolloutRequest
 
 
-def pad_right(rows: list[list[float]], width: Optional[int] = None, value: float = 0.0) -> torch.Tensor:
+def pad_right(rows: list[list[float]], width: int | None = None, value: float = 0.0) -> torch.Tensor:
     """Right-pad ragged rows into a float tensor of shape (len(rows), width)."""
     width = width if width is not None else max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), value, dtype=torch.float32)
@@ -34,10 +33,10 @@ def compute_advantages(
     std_eps: float = 1e-4,
     gamma: float = 1.0,
     lam: float = 0.95,
-    kl_BT: Optional[torch.Tensor] = None,
+    kl_BT: torch.Tensor | None = None,
     kl_beta: float = 0.0,
-    values_BT: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    values_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token advantages (and returns for `gae`) of B scored sequences.
 
     `index_B` holds each sequence's prompt (group) id. GRPO-family estimators score
@@ -76,4 +75,18 @@ def concat_reward_outputs(outputs: list[RewardOutput]) -> RewardOutput:
     return RewardOutput(
         rewards_B=np.concatenate([o.rewards_B for o in outputs]) if outputs else np.zeros(0),
         components={k: np.concatenate([o.components[k] for o in outputs]) for k in sorted(keys)},
+    )
+
+
+def rollout_batch(rows: list[tuple[RolloutRequest, Completion]]) -> TrainBatch:
+    """A learner batch of sampled completions, one row per (request, completion).
+
+    `old_logprobs_BT` are the rollout's; advantages start at zero (filled in by the caller).
+    """
+    return TrainBatch(
+        prompt_texts=[r.prompt_text for r, _ in rows],
+        image_paths=[list(r.image_paths) for r, _ in rows],
+        completion_ids=[c.token_ids for _, c in rows],
+        old_logprobs_BT=pad_right([c.logprobs for _, c in rows]),
+        advantages_BT=torch.zeros(len(rows)),
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 from repic_ray.data.formats import TrainSample, load_samples
 from repic_ray.learner.batch import SFTBatch
-from repic_ray.learner.config import LearnerConfig, LoraConfig
+from repic_ray.learner.config import LearnerConfig
 from repic_ray.models.loading import load_policy, load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
 from repic_ray.pipeline.sampler import PromptSampler

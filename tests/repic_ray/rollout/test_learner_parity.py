@@ -13,9 +13,8 @@ import socket
 import pytest
 import torch
 
-from repic_ray.learner.batch import TrainBatch
 from repic_ray.learner.config import LearnerConfig, LoraConfig, LossConfig
-from repic_ray.pipeline.experience import pad_right
+from repic_ray.pipeline.experience import rollout_batch
 from repic_ray.prompts import build_messages, render
 from repic_ray.rollout.config import RolloutConfig, SamplingConfig
 from repic_ray.rollout.types import RolloutRequest
@@ -61,14 +60,8 @@ def setup(tiny_qwen_dir, vllm_tiny_engine, image_paths):
 def rollout_and_compare(learner, rollout, requests, seed: int) -> torch.Tensor:
     sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=16, seed=seed)
     results = rollout.generate(requests, sampling)
-    rows = [(r, c) for r, res in zip(requests, results) for c in res.completions]
-    batch = TrainBatch(
-        prompt_texts=[r.prompt_text for r, _ in rows],
-        image_paths=[list(r.image_paths) for r, _ in rows],
-        completion_ids=[c.token_ids for _, c in rows],
-        old_logprobs_BT=pad_right([c.logprobs for _, c in rows]),
-        advantages_BT=torch.tensor([1.0, -1.0, 0.5] * len(requests)),
-    )
+    batch = rollout_batch([(r, c) for r, res in zip(requests, results) for c in res.completions])
+    batch.advantages_BT = batch.advantages_BT + torch.tensor([1.0, -1.0, 0.5] * len(requests))[:, None] * batch.mask_BT
     learner_BT = learner.compute_logprobs(batch)
     diff = ((learner_BT - batch.old_logprobs_BT).abs() * batch.mask_BT).max().item()
     assert diff < TOL, f"learner vs vLLM max |dlogp| = {diff:.2e}"

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
 from actors.roles import LearnerGroup, create_reward_actors, create_rollout_workers
 from actors.workers import WeightsRef
@@ -111,10 +112,20 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return [items[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def launch_rollouts(run: Run, requests: list[RolloutRequest], sampling) -> list:
+def launch_rollouts(workers: list, requests: list[RolloutRequest], sampling, weights: WeightsRef | None) -> list:
     """Spread requests over the rollout workers; returns one ref per non-empty chunk."""
-    chunks = split_evenly(requests, len(run.handles.rollout))
-    return [w.generate.remote(chunk, sampling, run.weights) for w, chunk in zip(run.handles.rollout, chunks) if chunk]
+    chunks = split_evenly(requests, len(workers))
+    return [w.generate.remote(chunk, sampling, weights) for w, chunk in zip(workers, chunks) if chunk]
+
+
+def rollout_worker_metrics(workers: list) -> dict[str, float]:
+    """Per-worker generation counters, aggregated with RLlib's MetricsLogger (sums over workers)."""
+    root = MetricsLogger(root=True)
+    root.aggregate(ray.get([w.reduce_metrics.remote() for w in workers]))
+    out = {k: float(v) for k, v in root.compile().items()}
+    if out.get("rollout/worker_generate_s"):
+        out["rollout/worker_tokens_per_s"] = out["rollout/tokens"] / out["rollout/worker_generate_s"]
+    return out
 
 
 def collect_rollouts(refs: list, requests: list[RolloutRequest]) -> dict[str, RolloutResult]:
@@ -145,7 +156,7 @@ def sample_rollouts(run: Run) -> tuple:
     cfg = run.cfg
     items = run.sampler.next(cfg.algo.prompts_per_step)
     requests = [make_request(uid, s, run.processor, cfg.trainer.seed, cfg.algo.group_size)[0] for uid, s in items]
-    return items, requests, launch_rollouts(run, requests, cfg.sampling), run.version
+    return items, requests, launch_rollouts(run.handles.rollout, requests, cfg.sampling, run.weights), run.version
 
 
 def training_step(run: Run) -> dict[str, float]:
@@ -225,6 +236,7 @@ def training_step(run: Run) -> dict[str, float]:
         "rollout/staleness": float(run.version - 1 - rollout_version),
         "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
         **{f"time/{k}": v for k, v in timer.seconds.items()},
+        **rollout_worker_metrics(run.handles.rollout),
     }
     for name, values in scored.components.items():
         values = np.asarray(values, dtype=np.float64)
@@ -244,8 +256,9 @@ def evaluate(run: Run, tag: str) -> dict[str, Any]:
     for k, split in sorted(run.data.eval_splits.items()):
         pairs = [make_request(f"eval{k}:{i}", s, run.processor, cfg.trainer.seed, 1) for i, s in enumerate(split)]
         requests = [r for r, _ in pairs]
-        results = collect_rollouts(launch_rollouts(run, requests, cfg.eval_sampling), requests)
+        results = collect_rollouts(launch_rollouts(run.handles.rollout, requests, cfg.eval_sampling, run.weights), requests)
         texts = [results[r.uid].completions[0].text for r in requests]
+        rollout_worker_metrics(run.handles.rollout)  # reset the workers' counters: not training samples
         records = caption_records(split, texts, [p.text for _, p in pairs])
         summary[f"k{k}"] = evaluate_split_metrics(records, out / f"captions_k{k}.json", run.data.candidates)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))

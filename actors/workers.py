@@ -9,10 +9,12 @@ where `ray.remote(...)` is applied with each role's resources.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
 from repic_ray.rewards.base import RewardInput, RewardOutput
 from repic_ray.rollout.config import RolloutConfig, SamplingConfig
@@ -40,12 +42,23 @@ class RolloutWorker:
         from repic_ray.rollout.vllm_engine import VLLMRolloutEngine
 
         self.engine = VLLMRolloutEngine(cfg)
+        self.metrics = MetricsLogger()
 
     def generate(
         self, requests: list[RolloutRequest], sampling: SamplingConfig, weights: WeightsRef | None
     ) -> list[RolloutResult]:
         self.sync(weights)
-        return self.engine.generate(requests, sampling)
+        start = time.perf_counter()
+        results = self.engine.generate(requests, sampling)
+        completions = [c for r in results for c in r.completions]
+        self.metrics.log_value("rollout/worker_generate_s", time.perf_counter() - start, reduce="sum")
+        self.metrics.log_value("rollout/samples", len(completions), reduce="sum")
+        self.metrics.log_value("rollout/tokens", sum(len(c.token_ids) for c in completions), reduce="sum")
+        return results
+
+    def reduce_metrics(self) -> dict:
+        """This worker's metrics since the last call (for `MetricsLogger.aggregate`)."""
+        return self.metrics.reduce()
 
     def sync(self, weights: WeightsRef | None) -> int:
         """Load `weights` unless this engine already serves that version."""

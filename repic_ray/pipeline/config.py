@@ -37,6 +37,9 @@ class DataConfig:
     """SFT caption samples in the generated world."""
     world_num_eval_per_k: int = 30
     """Evaluation query images per concept count k in the generated world."""
+    world_sft_single_fraction: float = 0.8
+    """Fraction of the generated SFT captions whose image holds exactly one concept
+    (RePIC's data bottleneck: personalized SFT data is mostly single-concept)."""
     train_file: str | None = None
     """RePIC-format training samples (JSON / JSONL) of a real dataset; overrides the world."""
     sft_file: str | None = None
@@ -58,6 +61,8 @@ class DataConfig:
             raise ValueError(f"train_tasks must be a non-empty subset of {list(TASKS)}, got {self.train_tasks}")
         if any(k < 1 or k > 5 for k in self.eval_ks):
             raise ValueError(f"eval_ks must be within 1..5, got {self.eval_ks}")
+        if not 0.0 <= self.world_sft_single_fraction <= 1.0:
+            raise ValueError(f"world_sft_single_fraction must be in [0, 1], got {self.world_sft_single_fraction}")
         for name in ("world_num_concepts", "world_num_train", "world_num_sft", "world_num_eval_per_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

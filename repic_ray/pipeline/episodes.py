@@ -57,9 +57,11 @@ def world_dir_for(cfg: DataConfig) -> Path:
         num_train=cfg.world_num_train,
         num_sft=cfg.world_num_sft,
         num_eval_per_k=cfg.world_num_eval_per_k,
+        sft_single_fraction=cfg.world_sft_single_fraction,
     )
     cache = Path(os.environ.get("REPIC_CACHE", Path.home() / ".cache" / "repic"))
-    key = f"s{wc.seed}-c{wc.num_concepts}-{wc.names}-t{wc.num_train}-f{wc.num_sft}-e{wc.num_eval_per_k}"
+    key = (f"s{wc.seed}-c{wc.num_concepts}-{wc.names}-t{wc.num_train}-f{wc.num_sft}"
+           f"-e{wc.num_eval_per_k}-sf{wc.sft_single_fraction:g}")
     out = cache / "worlds" / key
     if not (out / "DONE").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")

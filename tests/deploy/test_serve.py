@@ -1,7 +1,7 @@
 """The captioning service on a real Ray Serve deployment (real vLLM async engine,
 tiny models), over real HTTP on loopback; and the web page in headless Chromium.
 
-One Ray cluster for the session (`ray.init(address="local", num_cpus=2)`), Serve
+One Ray cluster for the module (`ray.init(address="local", num_cpus=2)`), Serve
 bound to 127.0.0.1 on a free port, shut down at the end (never `ray stop`)."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _config(root: Path, engine: str = "vllm") -> ServeConfig:
     })
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """(base_url, store_root, admin_headers, deploy(config)) of a live Serve app."""
     import ray

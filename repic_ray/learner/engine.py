@@ -245,7 +245,8 @@ class LearnerEngine:
             if cfg.loss.block_vision_tokens
             else []
         )
-        vocab = hf_model.get_output_embeddings().weight.shape[0]
+        # out_features, not weight.shape: under ZeRO-3 the weight is an empty shell here
+        vocab = hf_model.get_output_embeddings().out_features
         self.module = PolicyWithValue(policy, value_head, blocked, vocab)
 
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]

@@ -91,11 +91,21 @@ def tiny_config(**overrides) -> LearnerConfig:
     return LearnerConfig(**base)
 
 
+def rollout_logit_bias(processor, vocab_size: int) -> torch.Tensor:
+    """bias_V of the rollout engines: -100 on the vision special tokens they never sample."""
+    from repic_ray.models.loading import vision_special_token_ids
+
+    bias_V = torch.zeros(vocab_size)
+    bias_V[vision_special_token_ids(processor)] = -100.0
+    return bias_V
+
+
 def hf_logprobs(
     model, processor, prompt: str, image_paths: list[str], completion: list[int]
 ) -> torch.Tensor:
     """Log-probs of `completion` after `prompt` from one unpadded forward of a plain HF
-    model over the whole sequence (the reference the learner must reproduce)."""
+    model over the whole sequence, plus the rollout's logit bias (the reference the
+    learner must reproduce)."""
     from repic_ray.data.images import load_image
     from repic_ray.models.loading import qwen_mm_inputs
 
@@ -114,4 +124,5 @@ def hf_logprobs(
     base.model.rope_deltas = None
     with torch.no_grad():
         logits = model(**kwargs).logits[0, n_p - 1 : -1].float()
+    logits = logits + rollout_logit_bias(processor, logits.shape[-1])
     return torch.log_softmax(logits, -1).gather(-1, comp[0][:, None])[:, 0]

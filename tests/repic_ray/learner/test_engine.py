@@ -16,7 +16,15 @@ from repic_ray.data.images import load_image
 from repic_ray.learner import LearnerEngine, TrainBatch
 from repic_ray.models.loading import load_policy, qwen_mm_inputs, vision_special_token_ids
 
-from .helpers import free_port, hf_logprobs, sft_batch, tiny_config, train_batch, write_images
+from .helpers import (
+    free_port,
+    hf_logprobs,
+    rollout_logit_bias,
+    sft_batch,
+    tiny_config,
+    train_batch,
+    write_images,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +94,7 @@ def test_logprobs_match_generate_mrope_positions(learner, hf_base, images):
     )
     completion = out.sequences[0, enc["input_ids"].shape[1] :].tolist()
     raw_logits = torch.stack(out.logits, 1)[0].float()
+    raw_logits = raw_logits + rollout_logit_bias(proc, raw_logits.shape[-1])
     want_T = torch.log_softmax(raw_logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
     batch = TrainBatch([prompt], [paths], [completion], torch.zeros(1, 6), torch.zeros(1))
     got_T = learner.compute_ref_logprobs(batch)[0]
@@ -248,4 +257,11 @@ def test_bad_batch_errors_name_the_record(learner, images):
     with pytest.raises(
         ValueError, match="sequence 1: prompt has 1 image placeholders but 0 image paths"
     ):
+        learner.compute_logprobs(batch)
+
+
+def test_placeholder_tokens_in_a_completion_are_rejected(learner, images):
+    batch = train_batch(learner.processor, images, [0.0] * 4)
+    batch.completion_ids[2] = [batch.completion_ids[2][0], learner.processor.image_token_id]
+    with pytest.raises(ValueError, match="sequence 2: completion holds token ids"):
         learner.compute_logprobs(batch)

@@ -1,4 +1,5 @@
-"""The same GRPO step under ZeRO 0, 2 and 3 (one engine at a time, closed after use).
+"""The same GRPO steps under ZeRO 0, 2 and 3, and under ZeRO-2 with gradient
+checkpointing (one engine at a time, closed after use).
 
 ZeRO-3 partitions every weight across ranks (here: one rank, but the parameters are
 still replaced by empty shells that must be gathered), so the exports and the
@@ -14,7 +15,8 @@ from repic_ray.learner import LearnerEngine
 
 from .helpers import free_port, tiny_config, train_batch, write_images
 
-STAGES = (0, 2, 3)
+# name -> (ZeRO stage, gradient checkpointing)
+RUNS = {0: (0, False), 2: (2, False), 3: (3, False), "2gc": (2, True)}
 
 
 def _trainable_grads(learner) -> dict[str, torch.Tensor]:
@@ -28,11 +30,12 @@ def runs(tmp_path_factory):
     images = write_images(tmp_path_factory.mktemp("zero_images"))
     port = free_port()
     out = {}
-    for stage in STAGES:
+    for name, (stage, checkpointing) in RUNS.items():
         # threshold 0: partition every parameter, however small (the tiny model's are)
-        learner = LearnerEngine(
-            tiny_config(zero_stage=stage, zero3_persistence_threshold=0), master_port=port
+        cfg = tiny_config(
+            zero_stage=stage, zero3_persistence_threshold=0, gradient_checkpointing=checkpointing
         )
+        learner = LearnerEngine(cfg, master_port=port)
         try:
             batch = train_batch(learner.processor, images, [1.0, -1.0, 0.5, -0.5])
             logprobs0 = learner.compute_logprobs(batch)
@@ -49,7 +52,7 @@ def runs(tmp_path_factory):
                 "n_partitioned": sum(p.numel() == 0 for p in learner.module.parameters()),
                 "n_params": sum(1 for _ in learner.module.parameters()),
             }
-            if stage == 0:
+            if name == 0:
                 # ZeRO-0 keeps accumulated gradients in .grad: compare them directly for
                 # one backward over micro-batches of 4 vs four of 1.
                 learner.cfg.micro_batch_size = 4
@@ -60,7 +63,7 @@ def runs(tmp_path_factory):
                 learner.accumulate_rl_gradients(batch)
                 run["grads_micro1"] = _trainable_grads(learner)
                 learner.engine.zero_grad()
-            out[stage] = run
+            out[name] = run
         finally:
             learner.close()
     return out
@@ -72,7 +75,7 @@ def test_zero3_mode_is_released_after_close(runs):
     assert not is_deepspeed_zero3_enabled()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "2gc"])
 def test_same_step_losses_and_grad_norms(runs, stage):
     torch.testing.assert_close(runs[stage]["logprobs0"], runs[0]["logprobs0"])
     for got, want in zip(runs[stage]["stats"], runs[0]["stats"]):
@@ -82,7 +85,7 @@ def test_same_step_losses_and_grad_norms(runs, stage):
     assert runs[0]["stats"][0].grad_norm > 0
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "2gc"])
 def test_same_weights_after_steps(runs, stage):
     for kind in ("lora", "full"):
         want, got = runs[0][kind], runs[stage][kind]
@@ -95,7 +98,8 @@ def test_same_weights_after_steps(runs, stage):
 
 
 def test_zero3_really_partitions(runs):
-    assert runs[0]["n_partitioned"] == runs[2]["n_partitioned"] == 0
+    # "2gc" is built after the ZeRO-3 engine was closed: it must load unpartitioned
+    assert runs[0]["n_partitioned"] == runs[2]["n_partitioned"] == runs["2gc"]["n_partitioned"] == 0
     assert runs[3]["n_partitioned"] == runs[3]["n_params"] > 0
 
 

@@ -382,6 +382,14 @@ def build_engine(cfg: EvalConfig, max_images: int):
     return engine
 
 
+def release_engine(engine: Any) -> None:
+    """Stop a vLLM engine's processes (and delete its update files); HF engines just go."""
+    llm = getattr(engine, "llm", None)
+    if llm is not None:
+        engine.close()
+        llm.llm_engine.engine_core.shutdown()
+
+
 def load_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors, adapter_config) of a peft adapter directory, with a clear error if incomplete."""
     from safetensors.torch import load_file
@@ -592,16 +600,21 @@ def run_eval(cfg: EvalConfig, *, engine: Any = None, retriever: Any = None) -> d
                 uids=uids[k],
             )
 
-    # Greedy captions.
-    if engine is None:
+    # Greedy captions (an engine built here is released afterwards).
+    own_engine = engine is None
+    if own_engine:
         max_images = max(len(p.image_paths) for ps in prompts.values() for p in ps)
         engine = build_engine(cfg, max_images)
-    captions = {
-        k: greedy_captions(
-            engine, prompts[k], uids[k], batch_size=cfg.batch_size, max_tokens=cfg.max_tokens
-        )
-        for k in sorted(prompts)
-    }
+    try:
+        captions = {
+            k: greedy_captions(
+                engine, prompts[k], uids[k], batch_size=cfg.batch_size, max_tokens=cfg.max_tokens
+            )
+            for k in sorted(prompts)
+        }
+    finally:
+        if own_engine:
+            release_engine(engine)
 
     # Result files and metrics.
     candidates = (

@@ -412,8 +412,25 @@ def fit(run: Run) -> dict[str, Any]:
         save_checkpoint(run)
     if run.data.eval_splits:
         evals["after"] = evaluate(run, "after")
+    export_policy(run)
     run.metrics.close()
     return evals
+
+
+def export_policy(run: Run) -> Path:
+    """The trained policy in loadable form: `final/model` (merged full weights, a plain
+    HF checkpoint) and, with LoRA, `final/adapter` (peft format over the base model)."""
+    from repic_ray.pipeline.sft import save_hf_checkpoint
+    from repic_ray.rollout.common import write_peft_adapter
+
+    final = run.out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    base = run.cfg.rollout.model
+    if run.cfg.learner.lora.enabled:
+        tensors, peft_config = ray.get(run.handles.learners.export("lora", run.version).ref)
+        write_peft_adapter(final / "adapter", tensors, peft_config)
+    save_hf_checkpoint(ray.get(run.handles.learners.export("full", run.version).ref), base, final / "model")
+    return final
 
 
 def _progress(cfg: ExperimentConfig, start: int):

@@ -70,10 +70,12 @@ def make_sft_batch(items: list[TrainSample], processor: Any, rng: random.Random,
     return SFTBatch(prompts, images, targets, upweight_token_ids=weights if upweight else None)
 
 
-def save_hf_checkpoint(engine: Any, base: str, out: Path) -> Path:
-    """Write the engine's merged weights as a plain HF checkpoint beside its processor."""
+def save_hf_checkpoint(state_dict: dict, base: str, out: Path) -> Path:
+    """Write merged policy weights (a learner's `export_full()`) as a plain HF checkpoint
+    directory, with the processor and tokenizer of `base`."""
+    out = Path(out)
     model = load_policy(base)
-    missing, unexpected = model.load_state_dict(engine.export_full(), strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected or [m for m in missing if "lora" not in m]:
         raise RuntimeError(f"export does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
     tmp = out.with_name(out.name + ".tmp")
@@ -121,5 +123,5 @@ def run_sft(cfg: ExperimentConfig, data_sft: Path | None = None) -> Path:
                 logf.flush()
                 log.info("sft %s", rec)
             if cfg.sft.save_every and step % cfg.sft.save_every == 0 and step < cfg.sft.steps:
-                save_hf_checkpoint(engine, base, out)
-    return save_hf_checkpoint(engine, base, out)
+                save_hf_checkpoint(engine.export_full(), base, out)
+    return save_hf_checkpoint(engine.export_full(), base, out)

@@ -131,6 +131,11 @@ def test_killed_learner_resumes_from_last_checkpoint(run):
     rows = [json.loads(x) for x in (run.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     same(step5, rows[4])
+    # the trained policy is written in loadable form: merged HF checkpoint + peft adapter
+    from repic_ray.models.loading import load_policy
+
+    assert load_policy(str(run.out / "final" / "model")) is not None
+    assert (run.out / "final" / "adapter" / "adapter_config.json").exists()
 
 
 def test_async_mode_overlaps_generation_with_the_update(run):

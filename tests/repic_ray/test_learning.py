@@ -57,7 +57,7 @@ def sft_dir(world, tiny_qwen_dir, tmp_path_factory):
     for _ in range(SFT_STEPS):
         stats = engine.sft_step(make_sft_batch([s for _, s in sampler.next(32)], proc, rng, set()))
     assert stats.loss < 3.0  # the template is being learned
-    return save_hf_checkpoint(engine, str(tiny_qwen_dir), tmp_path_factory.mktemp("sft") / "ckpt")
+    return save_hf_checkpoint(engine.export_full(), str(tiny_qwen_dir), tmp_path_factory.mktemp("sft") / "ckpt")
 
 
 def mean_reward(rollout, proc, reward, samples) -> float:

@@ -140,3 +140,15 @@ def test_field_docs_read_from_source():
     docs = field_docs(Outer)
     assert docs["mode"] == "Pipeline mode."
     assert field_docs(Inner)["num_workers"] == "How many workers."
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads `1e-3` as a string (YAML 1.1); float fields accept it as a number.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("inner:\n  temperature: 1e-3\n")
+    assert load_config(Outer, recipe).inner.temperature == 1e-3
+    assert load_config(Outer, None, ["--inner.temperature", "2E-4"]).inner.temperature == 2e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        from_dict(Outer, {"inner": {"temperature": "1e-3x"}})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        from_dict(Outer, {"inner": {"num_workers": "1e3"}})

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def repic(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "actors.cli", *args], check=False, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -12,6 +12,7 @@ name reward; generation with transformers). Both train P prompts x G generations
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     if "ours" in systems:
         results["ours"] = run_ours(cfg, args.steps, args.warmup)
+        print("ours:", json.dumps(results["ours"]), flush=True)  # kept should the TRL run fail
     if "trl" in systems:
         from bench.trl_grpo import run_trl
         from repic_ray.pipeline.episodes import load_run_data

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# Every in-process Ray cluster of the test session (`address="local"` clusters and
+# `ray.cluster_utils.Cluster`) runs on loopback without token auth. Ray fixes its auth
+# mode when first imported, so it is set here, before any test imports Ray; tests that
+# start a separate head node give it its own token explicitly.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir() -> Path:

@@ -68,7 +68,7 @@ def create_rollout_workers(cfg: ExperimentConfig) -> tuple[list[Any], PlacementG
             max_restarts=cfg.cluster.max_actor_restarts,
             max_task_retries=-1,
             scheduling_strategy=_in_bundle(pg, i),
-        ).remote(cfg.rollout)
+        ).remote(cfg.rollout, index=i)
         for i in range(cfg.cluster.num_rollout_workers)
     ]
     return workers, pg

@@ -38,8 +38,13 @@ class WeightsRef:
 class RolloutWorker:
     """A vLLM rollout engine that keeps itself at the published policy version."""
 
-    def __init__(self, cfg: RolloutConfig):
+    def __init__(self, cfg: RolloutConfig, index: int = 0):
         from repic_ray.rollout.vllm_engine import VLLMRolloutEngine
+
+        if not ray.get_gpu_ids() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # On CPU, vLLM's automatic binding pins every engine of a node to the same
+            # core; spread the workers of a node over its cores instead.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(index % (os.cpu_count() or 1))
 
         self.engine = VLLMRolloutEngine(cfg)
         self.metrics = MetricsLogger()

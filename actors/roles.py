@@ -7,6 +7,7 @@ independently and land on the nodes their resources demand.
 
 from __future__ import annotations
 
+import random
 import socket
 from dataclasses import fields
 from typing import Any
@@ -96,10 +97,22 @@ def create_reward_actors(cfg: ExperimentConfig) -> tuple[list[Any], PlacementGro
 @ray.remote(num_cpus=0)
 def _rendezvous_address() -> tuple[str, int]:
     """Node IP and a free port on the node that will host learner rank 0."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    return ray.util.get_node_ip_address(), free_port_below_ephemeral()
+
+
+def free_port_below_ephemeral(low: int = 20000, high: int = 32000) -> int:
+    """A port that is free now, chosen below Linux's ephemeral range (32768+), so that
+    the outgoing connections of a busy node cannot take it before the process group binds."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
 
 
 def mean_stats(stats: list[TrainStats]) -> TrainStats:

@@ -59,3 +59,20 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
     )
     yield llm
     llm.llm_engine.engine_core.shutdown()
+
+
+# Modules that start several vLLM engines, Ray clusters or DeepSpeed learners at once.
+# Under `pytest -n 2 --dist loadgroup` they share one lane and never run at the same
+# time as each other (two of them together exceed this machine's 24 GiB); every other
+# module is a group of its own (its tests stay on one worker, module fixtures intact).
+HEAVY = ("tests/actors/", "tests/bench/test_bench_", "tests/deploy/test_job_submit.py",
+         "tests/deploy/test_serve.py", "tests/deploy/test_multinode_placement.py",
+         "tests/repic_ray/test_learning.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    root = Path(__file__).resolve().parents[1]
+    for item in items:
+        rel = Path(item.fspath).resolve().relative_to(root).as_posix()
+        group = "heavy" if rel.startswith(HEAVY) else rel
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -3,6 +3,7 @@
     repic train --config configs/tiny_cpu.yaml [--dotted.key VALUE ...] [--address ADDR]
     repic sft   --config configs/sft_tiny.yaml [--dotted.key VALUE ...]
     repic eval  --captions FILE [--mode compat] [--json]
+    repic eval  --checkpoint DIR [--adapter DIR] --data WORLD_DIR [--retrieval skip|topk]
     repic serve --checkpoint DIR [--config deploy/serve.yaml]
     repic world --out DIR [--seed N]
 

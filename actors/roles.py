@@ -7,8 +7,6 @@ independently and land on the nodes their resources demand.
 
 from __future__ import annotations
 
-import random
-import socket
 from dataclasses import fields
 from typing import Any
 
@@ -22,6 +20,7 @@ from repic_ray.learner.batch import SFTBatch, TrainBatch, TrainStats
 from repic_ray.learner.config import LearnerConfig
 from repic_ray.pipeline.config import ExperimentConfig, RoleResources
 from repic_ray.pipeline.experience import pad_right
+from repic_ray.ports import free_port
 
 
 def _bundle(res: RoleResources, gpus_per_actor: float | None = None) -> dict[str, float]:
@@ -97,22 +96,7 @@ def create_reward_actors(cfg: ExperimentConfig) -> tuple[list[Any], PlacementGro
 @ray.remote(num_cpus=0)
 def _rendezvous_address() -> tuple[str, int]:
     """Node IP and a free port on the node that will host learner rank 0."""
-    return ray.util.get_node_ip_address(), free_port_below_ephemeral()
-
-
-def free_port_below_ephemeral(low: int = 20000, high: int = 32000) -> int:
-    """A port that is free now, chosen below Linux's ephemeral range (32768+), so that
-    the outgoing connections of a busy node cannot take it before the process group binds."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no free port in [{low}, {high})")
+    return ray.util.get_node_ip_address(), free_port()
 
 
 def mean_stats(stats: list[TrainStats]) -> TrainStats:
@@ -142,7 +126,7 @@ class LearnerGroup:
         self.cfg = cfg
         self.num = num
         self.pg = _role_group(res, num, strategy, "learner", timeout_s=timeout_s)
-        addr, free_port = ray.get(_rendezvous_address.options(scheduling_strategy=_in_bundle(self.pg, 0)).remote())
+        addr, found_port = ray.get(_rendezvous_address.options(scheduling_strategy=_in_bundle(self.pg, 0)).remote())
         from repic_ray.learner.engine import LearnerEngine
 
         cls = ray.remote(LearnerEngine)
@@ -153,7 +137,7 @@ class LearnerGroup:
                 num_gpus=res.num_gpus,
                 resources=res.resources or None,
                 scheduling_strategy=_in_bundle(self.pg, rank),
-            ).remote(cfg, rank=rank, world_size=num, master_addr=addr, master_port=port or free_port)
+            ).remote(cfg, rank=rank, world_size=num, master_addr=addr, master_port=port or found_port)
             for rank in range(num)
         ]
         ray.get([a.__ray_ready__.remote() for a in self.actors])

@@ -23,28 +23,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    base_parser,
     bench_config,
     finish,
     markdown_table,
+    pipeline_parser,
     ray_session,
     run_pipeline,
     setup_env,
+    step_overrides,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__)
-    p.add_argument("--prompts", type=int, default=8, help="prompts per step, P")
-    p.add_argument("--group", type=int, default=8, help="generations per prompt, G")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per mode")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    args = p.parse_args(argv)
+    args = pipeline_parser(__doc__, steps=4).parse_args(argv)
     setup_env()
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
-    common = ["--algo.prompts_per_step", str(args.prompts), "--algo.group_size", str(args.group),
-              "--sampling.n", str(args.group), "--learner.micro_batch_size", str(min(16, args.prompts * args.group))]
+    common = step_overrides(args)
     cfgs = {m: bench_config(args, [*common, "--algo.mode", m, "--trainer.output_dir",
                                    f"/tmp/bench-async-{os.getpid()}-{m}"], name=f"bench_{m}")
             for m in ("sync", "async")}

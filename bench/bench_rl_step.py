@@ -19,13 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    base_parser,
     bench_config,
     finish,
     markdown_table,
+    pipeline_parser,
     ray_session,
     run_pipeline,
     setup_env,
+    step_overrides,
 )
 
 
@@ -38,11 +39,7 @@ def run_ours(cfg, steps: int, warmup: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__)
-    p.add_argument("--prompts", type=int, default=8, help="prompts per step, P")
-    p.add_argument("--group", type=int, default=8, help="generations per prompt, G (RePIC: 8)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per system")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (engine warm-up, first update)")
+    p = pipeline_parser(__doc__)
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (RePIC: 0.04)")
     p.add_argument("--systems", default="ours,trl", help="comma-separated subset of ours,trl")
     args = p.parse_args(argv)
@@ -50,12 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or set(systems) - {"ours", "trl"}:
         raise SystemExit(f"--systems: expected a subset of ours,trl, got {args.systems!r}")
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
     cfg = bench_config(args, [
-        "--algo.prompts_per_step", str(args.prompts), "--algo.group_size", str(args.group),
-        "--sampling.n", str(args.group), "--learner.loss.kl_beta", str(args.beta),
-        "--learner.micro_batch_size", str(min(16, args.prompts * args.group)),
+        *step_overrides(args), "--learner.loss.kl_beta", str(args.beta),
         "--trainer.output_dir", str(Path("/tmp") / f"bench-rl-step-{__import__('os').getpid()}"),
         "--reward.verifiable_weight", "0", "--reward.name_weight", "1",
     ], name="bench_rl_step")

@@ -23,13 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     Stopwatch,
-    base_parser,
     bench_config,
     finish,
     markdown_table,
+    pipeline_parser,
     ray_session,
     run_pipeline,
     setup_env,
+    step_overrides,
 )
 
 
@@ -74,11 +75,7 @@ def measure(cfg, steps: int, warmup: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__)
-    p.add_argument("--prompts", type=int, default=8, help="prompts per step, P")
-    p.add_argument("--group", type=int, default=8, help="generations per prompt, G")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per mode")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p = pipeline_parser(__doc__)
     p.add_argument("--workers", type=int, default=1, help="rollout workers (each loads every version)")
     p.add_argument("--kinds", default="lora,full", help="comma-separated subset of lora,full")
     args = p.parse_args(argv)
@@ -86,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - {"lora", "full"}:
         raise SystemExit(f"--kinds: expected a subset of lora,full, got {args.kinds!r}")
-    common = ["--algo.prompts_per_step", str(args.prompts), "--algo.group_size", str(args.group),
-              "--sampling.n", str(args.group), "--cluster.num_rollout_workers", str(args.workers),
-              "--learner.micro_batch_size", str(min(16, args.prompts * args.group))]
+    common = [*step_overrides(args), "--cluster.num_rollout_workers", str(args.workers)]
     cfgs = {k: bench_config(args, [*common, "--cluster.weight_sync", k, "--trainer.output_dir",
                                    f"/tmp/bench-weight-sync-{os.getpid()}-{k}"], name=f"bench_sync_{k}")
             for k in kinds}

@@ -60,6 +60,26 @@ def base_parser(description: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def pipeline_parser(description: str | None, steps: int = 3) -> argparse.ArgumentParser:
+    """`base_parser` plus the shape of a timed training run: P prompts x G samples a step,
+    `--warmup` untimed steps, then `--steps` timed ones."""
+    p = base_parser(description)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step, P")
+    p.add_argument("--group", type=int, default=8, help="generations per prompt, G (RePIC: 8)")
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (engine warm-up, first update)")
+    return p
+
+
+def step_overrides(args: argparse.Namespace) -> list[str]:
+    """Config overrides for `pipeline_parser`'s options (validated)."""
+    if args.steps < 1 or args.warmup < 0 or args.prompts < 1 or args.group < 1:
+        raise SystemExit("--steps, --prompts and --group must be >= 1 and --warmup >= 0")
+    return ["--algo.prompts_per_step", str(args.prompts), "--algo.group_size", str(args.group),
+            "--sampling.n", str(args.group),
+            "--learner.micro_batch_size", str(min(16, args.prompts * args.group))]
+
+
 def bench_config(args: argparse.Namespace, overrides: Sequence[str] = (), name: str = "bench"):
     """The experiment config of a benchmark: recipe, then `overrides`, then the user's `--set`.
 

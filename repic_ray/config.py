@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import itertools
 import re
 import types
 import typing
@@ -46,7 +47,7 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = ast.parse(inspect.cleandoc("\n" + source)).body[0]
         stmts = getattr(body, "body", [])
-        for stmt, nxt in zip(stmts, stmts[1:]):
+        for stmt, nxt in itertools.pairwise(stmts):
             if (
                 isinstance(stmt, ast.AnnAssign)
                 and isinstance(stmt.target, ast.Name)

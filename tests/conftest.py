@@ -45,6 +45,9 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
+    from repic_ray.ports import pin_vllm_port
+
+    pin_vllm_port()
     llm = LLM(
         model=str(tiny_qwen_dir),
         dtype="float32",

@@ -50,7 +50,7 @@ TEMPLATE_WORDS: tuple[str, ...] = tuple(
     here you can see can see together scene background grey gray left right top bottom center
     middle corner of from to by as has have my your our friend pet favourite favorite
     provide personal six seven eight nine zero else empty rest nothing JSON
-    A An The This There Here In At It Is Where Give Provide Can You Also Nothing Output For""".split()
+    A An The This There Here In At It Is Where Give Provide Can You Also Nothing Output For""".split()  # noqa: SIM905
 )
 
 

@@ -24,6 +24,7 @@ from repic_ray.learner.config import LearnerConfig
 from repic_ray.models.loading import load_policy, load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
 from repic_ray.pipeline.sampler import PromptSampler
+from repic_ray.ports import free_port
 from repic_ray.prompts import build_prompt
 
 log = logging.getLogger("repic.sft")
@@ -34,15 +35,6 @@ def sft_learner_config(cfg: ExperimentConfig) -> LearnerConfig:
     lora = dataclasses.replace(cfg.learner.lora, enabled=not cfg.sft.full_finetune and cfg.learner.lora.enabled)
     loss = dataclasses.replace(cfg.learner.loss, name_token_weight=cfg.sft.name_token_weight)
     return dataclasses.replace(cfg.learner, lora=lora, lr=cfg.sft.lr, loss=loss, seed=cfg.trainer.seed)
-
-
-def free_port() -> int:
-    """A free loopback port for the single-rank process group (others may be training)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def name_token_ids(tokenizer: Any, names: list[str]) -> set[int]:

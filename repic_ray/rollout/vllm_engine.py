@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from repic_ray.ports import pin_vllm_port
 from repic_ray.rollout.common import (
     check_full_state_dict,
     checkpoint_parameter_names,
@@ -82,6 +83,7 @@ class VLLMRolloutEngine:
         if llm is None:
             from vllm import LLM
 
+            pin_vllm_port()
             llm = LLM(**llm_kwargs(cfg))
         self.llm = llm
         model_config = llm.llm_engine.model_config

@@ -27,6 +27,7 @@ from repic_ray.models.loading import (
     resolve_checkpoint,
     vision_special_token_ids,
 )
+from repic_ray.ports import pin_vllm_port
 from repic_ray.prompts import NAME_SUFFIX, caption_prompt
 from repic_ray.serving.types import CaptionResult, ReferenceConcept
 
@@ -132,6 +133,7 @@ class VLLMCaptioner:
             max_lora_rank=config.max_lora_rank,
             disable_log_stats=True,
         )
+        pin_vllm_port()
         self.engine = AsyncLLM.from_engine_args(args)
         self.lora = None
         if config.adapter:

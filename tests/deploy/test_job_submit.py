@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,22 +23,13 @@ import psutil
 import pytest
 import yaml
 
+from repic_ray.ports import free_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 SUBMIT = ROOT / "deploy" / "submit_job.sh"
 RUNTIME_ENV = ROOT / "deploy" / "job_runtime_env.yaml"
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Head:

@@ -27,7 +27,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import placement_group_table, remove_placement_group
 
 from actors import roles
 from repic_ray.config import load_config

@@ -10,7 +10,6 @@ import asyncio
 import io
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from repic_ray.config import from_dict
 from deploy.cli import read_serve_yaml
+from repic_ray.config import from_dict
+from repic_ray.ports import free_port
 from repic_ray.serving.config import ServeConfig
 from repic_ray.serving.store import ConceptStore, StoreConfig
 
@@ -54,12 +54,6 @@ def test_serve_yaml_is_valid():
         app_builder({**args, "engine": "tensorrt"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(root: Path, engine: str = "vllm") -> ServeConfig:
     return from_dict(ServeConfig, {
         "engine": engine,
@@ -81,7 +75,7 @@ def service(tmp_path_factory):
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     root = tmp_path_factory.mktemp("serve-store")
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", include_dashboard=False, num_cpus=2,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})

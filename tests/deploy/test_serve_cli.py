@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from repic_ray.config import ConfigError
 from deploy.cli import _config, _parser, main, read_serve_yaml
+from repic_ray.config import ConfigError
 from repic_ray.serving.store import ConceptStore, StoreConfig
 
 SERVE_YAML = Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml"

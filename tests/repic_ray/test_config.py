@@ -40,7 +40,7 @@ class Outer:
     """Nested section."""
     tags: list[str] = field(default_factory=list)
     """Free-form tags."""
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # noqa: UP045  (the loader must accept the typing spelling too)
     """Seed, or None for random."""
     weights: dict[str, float] = field(default_factory=dict)
     """Named weights."""

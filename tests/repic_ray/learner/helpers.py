@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 from repic_ray.learner import LearnerConfig, LoraConfig, LossConfig, SFTBatch, TrainBatch
+from repic_ray.ports import free_port  # noqa: F401  (re-exported for the learner tests)
 
 CAPTIONS = [
     " Bo the dog sits at the top left next to a red circle.",
@@ -17,12 +17,6 @@ CAPTIONS = [
     " yes",
     " here you can see Rex the cat in the center of the picture",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_images(root: Path) -> dict[str, str]:

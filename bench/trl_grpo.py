@@ -78,7 +78,11 @@ def run_trl(cfg: Any, samples: list, categories: dict[str, str], steps: int, war
     """Train `warmup + steps` GRPO steps with TRL; time the last `steps` (step ends, wall clock)."""
     from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as e:
+        raise SystemExit("TRL is a benchmark-only dependency: pip install -e '.[bench]' "
+                         "(`make install` includes it), or pass --systems ours") from e
 
     from repic_ray.models.loading import load_processor
     from repic_ray.rollout.common import vision_token_ids

@@ -13,6 +13,26 @@ import pytest
 # start a separate head node give it its own token explicitly.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+# Process-wide settings that in-process tests leave behind (a DeepSpeed learner sets the
+# torch.distributed rendezvous variables of its process group; the shared vLLM engine pins
+# VLLM_PORT). A child process must not inherit them: accelerate, for one, reads LOCAL_RANK
+# and then binds the stale MASTER_PORT.
+_PROCESS_LOCAL_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                       "LOCAL_WORLD_SIZE", "VLLM_PORT")
+
+
+@pytest.fixture(scope="session")
+def child_env():
+    """`child_env(**extra)` -> the environment for a subprocess under test: this process's
+    environment minus what in-process tests set for themselves, plus `extra`."""
+
+    def make(**extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _PROCESS_LOCAL_VARS}
+        env.update(extra)
+        return env
+
+    return make
+
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir() -> Path:

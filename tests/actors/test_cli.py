@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +12,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def repic(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "actors.cli", *args], check=False, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture
+def repic(child_env):
+    """`repic(*args)` runs the command line in a fresh process."""
+
+    def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "actors.cli", *args], check=False, cwd=REPO,
+                              env=child_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run
 
 
-def test_bad_config_is_a_clear_error(tmp_path):
+def test_bad_config_is_a_clear_error(tmp_path, repic):
     out = repic("train", "--config", "configs/tiny_cpu.yaml", "--algo.group_sise", "4")
     assert out.returncode == 2
     assert "unknown key 'algo.group_sise'" in out.stderr and "algo.group_size" in out.stderr
@@ -28,7 +33,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_sft_command_still_runs_shortened(tmp_path):
+def test_shipped_sft_command_still_runs_shortened(tmp_path, repic):
     """`repic sft --config configs/sft_tiny.yaml` made checkpoints/tiny-sft; 2 steps of it still run."""
     out_dir = tmp_path / "sft"
     res = repic("sft", "--config", "configs/sft_tiny.yaml", "--sft.steps", "2", "--sft.batch_size", "4",
@@ -40,7 +45,7 @@ def test_shipped_sft_command_still_runs_shortened(tmp_path):
 
 
 @pytest.mark.slow
-def test_main_job_runs_end_to_end_shortened(tmp_path):
+def test_main_job_runs_end_to_end_shortened(tmp_path, repic):
     """The README's main job (`repic train --config configs/tiny_cpu.yaml`), 2 steps."""
     out = tmp_path / "run"
     res = repic("train", "--config", "configs/tiny_cpu.yaml", "--trainer.steps", "2",

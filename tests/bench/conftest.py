@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def run_bench(tmp_path):
+def run_bench(tmp_path, child_env):
     """`run_bench("bench_x.py", *args)` -> the JSON the script wrote (fails with its output)."""
 
     def run(script: str, *args: str, timeout: int = 1500) -> dict:
         out = tmp_path / f"{Path(script).stem}.json"
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = child_env(PYTHONPATH=str(REPO))
         for key, value in (("HF_HUB_OFFLINE", "1"), ("REPIC_CACHE", str(REPO / ".cache" / "repic")),
                            ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
                            ("VLLM_CPU_KVCACHE_SPACE", "1"), ("TOKENIZERS_PARALLELISM", "false")):

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from repic_ray.learner import LearnerConfig, LoraConfig, LossConfig, SFTBatch, TrainBatch
-from repic_ray.ports import free_port  # noqa: F401  (re-exported for the learner tests)
 
 CAPTIONS = [
     " Bo the dog sits at the top left next to a red circle.",

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from repic_ray.learner import LearnerEngine, LossConfig
+from repic_ray.ports import free_port
 
-from .helpers import free_port, tiny_config, train_batch, write_images
+from .helpers import tiny_config, train_batch, write_images
 
 WORKER = Path(__file__).with_name("dp_worker.py")
 STEPS = 2

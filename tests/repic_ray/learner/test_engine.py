@@ -15,9 +15,9 @@ import torch
 from repic_ray.data.images import load_image
 from repic_ray.learner import LearnerEngine, TrainBatch
 from repic_ray.models.loading import load_policy, qwen_mm_inputs, vision_special_token_ids
+from repic_ray.ports import free_port
 
 from .helpers import (
-    free_port,
     hf_logprobs,
     rollout_logit_bias,
     sft_batch,

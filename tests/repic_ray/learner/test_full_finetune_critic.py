@@ -9,8 +9,9 @@ import torch
 
 from repic_ray.learner import CriticConfig, LearnerEngine, LoraConfig
 from repic_ray.models.loading import load_policy
+from repic_ray.ports import free_port
 
-from .helpers import free_port, hf_logprobs, tiny_config, train_batch, write_images
+from .helpers import hf_logprobs, tiny_config, train_batch, write_images
 
 
 @pytest.fixture(scope="module")

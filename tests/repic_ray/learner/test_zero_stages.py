@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from repic_ray.learner import LearnerEngine
+from repic_ray.ports import free_port
 
-from .helpers import free_port, tiny_config, train_batch, write_images
+from .helpers import tiny_config, train_batch, write_images
 
 # name -> (ZeRO stage, gradient checkpointing)
 RUNS = {0: (0, False), 2: (2, False), 3: (3, False), "2gc": (2, True)}

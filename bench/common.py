@@ -84,7 +84,7 @@ def bench_config(args: argparse.Namespace, overrides: Sequence[str] = (), name: 
     """The experiment config of a benchmark: recipe, then `overrides`, then the user's `--set`.
 
     Derived fields (the rollout checkpoint) are filled as `repic train` fills them."""
-    from actors.driver import prepare_config
+    from recipes.train import prepare_config
     from repic_ray.config import load_config
     from repic_ray.pipeline.config import ExperimentConfig
 
@@ -135,7 +135,7 @@ def ray_session(cfg):
     def session():
         import ray
 
-        from actors.driver import init_ray
+        from recipes.train import init_ray
 
         started = init_ray(cfg)
         try:

@@ -23,7 +23,7 @@ Decoding is greedy (temperature 0), one caption per query. Outputs under
 
 Every number in metrics.json is what `repic eval --captions FILE --candidates
 candidates.json --references references.json --json` prints for the corresponding
-result file: both go through `repic_ray.evaluation.cli.score_file`.
+result file: both go through `repic_ray.evaluation.scoring.score_file`.
 """
 
 from __future__ import annotations
@@ -456,7 +456,7 @@ def write_results(
         candidates: names to look for (None: the ground-truth names of each result file).
         retrieved: retrieval mode's per-query concepts, also scored as retrieval recall.
     """
-    from repic_ray.evaluation.cli import score_file
+    from repic_ray.evaluation.scoring import score_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ def repic(child_env):
     """`repic(*args)` runs the command line in a fresh process."""
 
     def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "actors.cli", *args], check=False, cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "recipes.cli", *args], check=False, cwd=REPO,
                               env=child_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True,
                               timeout=timeout)
 

@@ -420,7 +420,7 @@ def fit(run: Run) -> dict[str, Any]:
 def export_policy(run: Run) -> Path:
     """The trained policy in loadable form: `final/model` (merged full weights, a plain
     HF checkpoint) and, with LoRA, `final/adapter` (peft format over the base model)."""
-    from repic_ray.pipeline.sft import save_hf_checkpoint
+    from repic_ray.checkpoints import save_hf_checkpoint
     from repic_ray.rollout.common import write_peft_adapter
 
     final = run.out / "final"

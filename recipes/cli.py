@@ -38,12 +38,12 @@ def _experiment(argv: list[str], prog: str):
 def cmd_train(argv: list[str]) -> int:
     cfg = _experiment(argv, "repic train")
     if cfg.sft.steps > 0:
-        from repic_ray.pipeline.sft import run_sft
+        from recipes.sft import run_sft
 
         sft_dir = run_sft(cfg)
         cfg.learner.model = str(sft_dir)
         cfg.rollout.model = ""
-    from actors.driver import train
+    from recipes.train import train
 
     evals = train(cfg)
     print(json.dumps(evals, indent=2))
@@ -52,7 +52,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_sft(argv: list[str]) -> int:
-    from repic_ray.pipeline.sft import run_sft
+    from recipes.sft import run_sft
 
     cfg = _experiment(argv, "repic sft")
     if cfg.sft.steps < 1:
@@ -62,7 +62,7 @@ def cmd_sft(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from repic_ray.evaluation.cli import main
+    from recipes.eval import main
 
     return main(argv) or 0
 

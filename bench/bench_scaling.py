@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in args.workers.split(",") if c.strip()]
     if not counts or min(counts) < 1:
         raise SystemExit(f"--workers: expected positive counts, got {args.workers!r}")
-    cfg = bench_config(args, ["--sampling.n", str(args.n), "--sampling.seed", "0",
+    cfg = bench_config(args, ["--algo.group_size", str(args.n),
                               "--cluster.num_rollout_workers", str(max(counts))], name="bench_scaling")
     requests, _ = world_requests(cfg, args.prompts, args.n)
     warmup = [r.__class__(uid=f"warmup:{i}", prompt_text=r.prompt_text, image_paths=r.image_paths, n=r.n)

@@ -76,7 +76,6 @@ def step_overrides(args: argparse.Namespace) -> list[str]:
     if args.steps < 1 or args.warmup < 0 or args.prompts < 1 or args.group < 1:
         raise SystemExit("--steps, --prompts and --group must be >= 1 and --warmup >= 0")
     return ["--algo.prompts_per_step", str(args.prompts), "--algo.group_size", str(args.group),
-            "--sampling.n", str(args.group),
             "--learner.micro_batch_size", str(min(16, args.prompts * args.group))]
 
 

@@ -6,6 +6,7 @@
     repic eval  --checkpoint DIR [--adapter DIR] --data WORLD_DIR [--retrieval skip|topk]
     repic serve --checkpoint DIR [--config deploy/serve.yaml]
     repic world --out DIR [--seed N]
+    repic config show --config FILE [--dotted.key VALUE ...]
 
 `train` runs the SFT stage first when `sft.steps > 0`, then RL from its checkpoint.
 """
@@ -41,8 +42,7 @@ def cmd_train(argv: list[str]) -> int:
         from recipes.sft import run_sft
 
         sft_dir = run_sft(cfg)
-        cfg.learner.model = str(sft_dir)
-        cfg.rollout.model = ""
+        cfg.learner.model = cfg.rollout.model = str(sft_dir)
     from recipes.train import train
 
     evals = train(cfg)
@@ -80,7 +80,18 @@ def cmd_world(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "serve": cmd_serve, "world": cmd_world}
+def cmd_config(argv: list[str]) -> int:
+    """`repic config show`: the resolved experiment config (derived fields filled) as YAML."""
+    from repic_ray.config import dump_yaml
+
+    if not argv or argv[0] != "show":
+        print("usage: repic config show --config FILE [--dotted.key VALUE ...]", file=sys.stderr)
+        return 2
+    print(dump_yaml(_experiment(argv[1:], "repic config show")), end="")
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "serve": cmd_serve, "world": cmd_world}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -345,13 +345,10 @@ def init_ray(cfg: ExperimentConfig) -> bool:
 
 
 def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Fill derived fields: the rollout engine serves the learner's policy checkpoint."""
-    if not cfg.rollout.model:
-        cfg.rollout.model = resolve_checkpoint(cfg.learner.model)
-    if cfg.learner.lora.enabled != cfg.rollout.enable_lora and cfg.cluster.weight_sync == "lora":
-        raise ValueError("cluster.weight_sync=lora needs learner.lora.enabled and rollout.enable_lora")
-    if (cfg.algo.prompts_per_step * cfg.algo.group_size) % cfg.cluster.num_learners:
-        raise ValueError("prompts_per_step x group_size must split evenly over cluster.num_learners")
+    """Resolve the config (derived fields, cross-field rules; see `repic_ray.pipeline.resolve`)
+    and point the rollout engine at the learner's checkpoint directory."""
+    cfg = cfg.resolved()
+    cfg.rollout.model = resolve_checkpoint(cfg.learner.model)
     return cfg
 
 

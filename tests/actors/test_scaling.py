@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_one_two_four_rollout_workers_give_identical_seeded_rollouts(ray_local, tmp_path):
     cfg = load_config(ExperimentConfig, "configs/tiny_cpu.yaml", [
         "--learner.model", "tiny:qwen2.5-vl", "--cluster.num_rollout_workers", "4",
-        "--cluster.rollout.num_cpus", "0.5", "--sampling.max_tokens", "16", "--sampling.n", "2",
+        "--cluster.rollout.num_cpus", "0.5", "--sampling.max_tokens", "16", "--algo.group_size", "2",
         "--rollout.kv_cache_gib", "0.25",
         "--trainer.output_dir", str(tmp_path),
     ])

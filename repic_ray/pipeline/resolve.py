@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repic_ray.config import ConfigError
-from repic_ray.pipeline.config import ExperimentConfig
+
+if TYPE_CHECKING:  # `ExperimentConfig.resolved` calls `resolve`: no import at run time
+    from repic_ray.pipeline.config import ExperimentConfig
 
 GROUP_ESTIMATORS = ("grpo", "drgrpo", "rloo")
 

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import torch
 
-from repic_ray.rl.advantages import (
-    _check_same_shape,
+from repic_ray.rl.kl import kl_penalty
+from repic_ray.rl.masked import (
     check_right_padded,
+    check_same_shape,
     masked_fill_zero,
     masked_mean,
     masked_sum,
 )
-from repic_ray.rl.kl import kl_penalty
 
 __all__ = [
     "AGG_MODES",
@@ -74,7 +74,7 @@ def aggregate_loss(
     `normalizer` replaces the default `N`; see the module docstring for the value a
     data-parallel learner must pass.
     """
-    _check_same_shape(loss_BT, mask_BT, "loss_BT", "mask_BT")
+    check_same_shape(loss_BT, mask_BT, "loss_BT", "mask_BT")
     if normalizer is not None and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
     if agg == "token_mean":
@@ -113,9 +113,9 @@ def ppo_clip_loss(
     `ratio` (rho), `clipped` (the clip branch is active, so no gradient),
     `dual_clipped` (the dual-clip bound is active, no gradient).
     """
-    _check_same_shape(logprobs_BT, mask_BT, "logprobs_BT", "mask_BT")
-    _check_same_shape(old_logprobs_BT, mask_BT, "old_logprobs_BT", "mask_BT")
-    _check_same_shape(advantages_BT, mask_BT, "advantages_BT", "mask_BT")
+    check_same_shape(logprobs_BT, mask_BT, "logprobs_BT", "mask_BT")
+    check_same_shape(old_logprobs_BT, mask_BT, "old_logprobs_BT", "mask_BT")
+    check_same_shape(advantages_BT, mask_BT, "advantages_BT", "mask_BT")
     if not 0.0 <= clip_low < 1.0:
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
     if not clip_high >= 0.0:
@@ -215,7 +215,7 @@ def policy_loss(
     total_BT = pg_BT
     stats: dict[str, torch.Tensor] = {}
     if ref_logprobs_BT is not None:
-        _check_same_shape(ref_logprobs_BT, mask_BT, "ref_logprobs_BT", "mask_BT")
+        check_same_shape(ref_logprobs_BT, mask_BT, "ref_logprobs_BT", "mask_BT")
         kl_BT = kl_penalty(
             masked_fill_zero(logprobs_BT, mask_BT),
             masked_fill_zero(ref_logprobs_BT.detach(), mask_BT),
@@ -226,7 +226,7 @@ def policy_loss(
             total_BT = total_BT + kl_beta * kl_BT
         stats["kl"] = masked_mean(kl_BT.detach(), mask_BT)
     if entropy_BT is not None:
-        _check_same_shape(entropy_BT, mask_BT, "entropy_BT", "mask_BT")
+        check_same_shape(entropy_BT, mask_BT, "entropy_BT", "mask_BT")
         ent_BT = masked_fill_zero(entropy_BT, mask_BT)
         if entropy_coef != 0.0:
             total_BT = total_BT - entropy_coef * ent_BT
@@ -268,9 +268,9 @@ def value_loss(
     Returns `(loss, stats)` with detached `vf_clip_frac` (tokens whose gradient
     the clip removes) and `vf_explained_var` (`1 - Var(R - V) / Var(R)`).
     """
-    _check_same_shape(values_BT, mask_BT, "values_BT", "mask_BT")
-    _check_same_shape(old_values_BT, mask_BT, "old_values_BT", "mask_BT")
-    _check_same_shape(returns_BT, mask_BT, "returns_BT", "mask_BT")
+    check_same_shape(values_BT, mask_BT, "values_BT", "mask_BT")
+    check_same_shape(old_values_BT, mask_BT, "old_values_BT", "mask_BT")
+    check_same_shape(returns_BT, mask_BT, "returns_BT", "mask_BT")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0 (or None), got {clip}")
     v = masked_fill_zero(values_BT, mask_BT)

@@ -169,7 +169,7 @@ def run_pipeline(cfg, steps: int, warmup: int, after_step=None) -> dict[str, Any
             import ray
 
             with Stopwatch() as dw:
-                ray.get(run.pending[2])
+                ray.get(run.pending.refs)
             drain, run.pending = dw.seconds, None
     finally:
         driver.shutdown(run)

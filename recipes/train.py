@@ -74,6 +74,20 @@ class Handles:
 
 
 @dataclass
+class PendingRollout:
+    """Rollouts launched and not yet collected: the prompts drawn, their requests, the
+    workers' result refs, and the policy version that generates them."""
+
+    items: list[tuple[str, Any]]
+    """(uid, sample) of each prompt."""
+    requests: list[RolloutRequest]
+    refs: list[Any]
+    """Ray object refs of the workers' results (`collect_rollouts` waits on them)."""
+    version: int
+    """Policy version the rollouts are generated with."""
+
+
+@dataclass
 class Run:
     """The driver's state; `checkpoint_state` / `restore_state` make it resumable."""
 
@@ -87,8 +101,8 @@ class Run:
     step: int = 0
     version: int = 0
     weights: WeightsRef | None = None
-    pending: tuple | None = None
-    """Async mode: (items, requests, result refs, version) of the next step's rollout."""
+    pending: PendingRollout | None = None
+    """Async mode: the next step's rollouts, launched during this step."""
     seen_uids: set = field(default_factory=set)
 
 
@@ -151,12 +165,13 @@ def score_all(run: Run, inputs: list) -> RewardOutput:
 # ------------------------------------------------------------------------- one step
 
 
-def sample_rollouts(run: Run) -> tuple:
+def sample_rollouts(run: Run) -> PendingRollout:
     """Draw the next P prompts and launch their rollouts (not waiting for them)."""
     cfg = run.cfg
     items = run.sampler.next(cfg.algo.prompts_per_step)
     requests = [make_request(uid, s, run.processor, cfg.trainer.seed, cfg.algo.group_size)[0] for uid, s in items]
-    return items, requests, launch_rollouts(run.handles.rollout, requests, cfg.sampling, run.weights), run.version
+    refs = launch_rollouts(run.handles.rollout, requests, cfg.sampling, run.weights)
+    return PendingRollout(items, requests, refs, run.version)
 
 
 def training_step(run: Run) -> dict[str, float]:
@@ -166,8 +181,8 @@ def training_step(run: Run) -> dict[str, float]:
     # 1-2. prompts -> rollouts (async: this step's rollouts were launched last step)
     with timer("generate"):
         pending = run.pending or sample_rollouts(run)
-        items, requests, refs, rollout_version = pending
-        results = collect_rollouts(refs, requests)
+        items, requests = pending.items, pending.requests
+        results = collect_rollouts(pending.refs, requests)
         run.pending = sample_rollouts(run) if cfg.algo.mode == "async" else None
     for uid, _ in items:
         if uid in run.seen_uids:
@@ -233,7 +248,7 @@ def training_step(run: Run) -> dict[str, float]:
         "response/length_mean": float(lengths.float().mean()),
         "response/length_max": float(lengths.max()),
         "rollout/logprob_mismatch": mismatch,
-        "rollout/staleness": float(run.version - 1 - rollout_version),
+        "rollout/staleness": float(run.version - 1 - pending.version),
         "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
         **{f"time/{k}": v for k, v in timer.seconds.items()},
         **rollout_worker_metrics(run.handles.rollout),
@@ -403,7 +418,7 @@ def fit(run: Run) -> dict[str, Any]:
     if progress is not None:
         progress.close()
     if run.pending is not None:  # async: drain the rollout launched for a step that will not run
-        ray.get(run.pending[2])
+        ray.get(run.pending.refs)
         run.pending = None
     if not checkpoint_dirs(run.out) or checkpoint_dirs(run.out)[-1].name != f"step_{run.step:06d}":
         save_checkpoint(run)

@@ -26,6 +26,7 @@ from repic_ray.rl.advantages import (
 from repic_ray.rl.kl import KL_ESTIMATORS, apply_kl_to_rewards, kl_penalty
 from repic_ray.rl.losses import (
     AGG_MODES,
+    LossSettings,
     aggregate_loss,
     entropy_from_logits,
     policy_loss,
@@ -43,6 +44,7 @@ from repic_ray.rl.masked import (
 __all__ = [
     "AGG_MODES",
     "KL_ESTIMATORS",
+    "LossSettings",
     "aggregate_loss",
     "apply_kl_to_rewards",
     "broadcast_to_tokens",

@@ -141,10 +141,10 @@ def test_killed_learner_resumes_from_last_checkpoint(run):
 def test_async_mode_overlaps_generation_with_the_update(run):
     run.cfg.algo.mode = "async"
     first = train.training_step(run)  # launches its own rollouts, then the next step's
-    assert run.pending is not None and run.pending[3] == run.version - 1
+    assert run.pending is not None and run.pending.version == run.version - 1
     second = train.training_step(run)  # trains on rollouts from one version back
     assert first["rollout/staleness"] == 0 and second["rollout/staleness"] == 1
-    ray.get(run.pending[2])  # drain the rollouts of a step that will not run
+    ray.get(run.pending.refs)  # drain the rollouts of a step that will not run
     run.pending = None
     run.cfg.algo.mode = "sync"
 

@@ -28,16 +28,25 @@ def _experiment(argv: list[str], prog: str):
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are used without one")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--verbose", action="store_true",
+                        help="library logs (vLLM, Ray, DeepSpeed) on the console too, not only in the run's log.txt")
     args, overrides = parser.parse_known_args(argv)
     if args.address:
         overrides += ["--cluster.address", args.address]
     if args.resume:
         overrides += ["--trainer.resume", "true"]
+    if args.verbose:
+        overrides += ["--trainer.verbose", "true"]
     return load_config(ExperimentConfig, args.config, overrides)
 
 
 def cmd_train(argv: list[str]) -> int:
     cfg = _experiment(argv, "repic train")
+    from pathlib import Path
+
+    from recipes.console import setup_logging
+
+    setup_logging(Path(cfg.output_dir) / "log.txt", cfg.trainer.verbose)  # before DeepSpeed's import chatter
     if cfg.sft.steps > 0:
         from recipes.sft import run_sft
 

@@ -277,7 +277,17 @@ def evaluate(run: Run, tag: str) -> dict[str, Any]:
         records = caption_records(split, texts, [p.text for _, p in pairs])
         summary[f"k{k}"] = evaluate_split_metrics(records, out / f"captions_k{k}.json", run.data.candidates)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    log.info("evaluation %s: %s", tag, _eval_line(summary))
     return summary
+
+
+def _eval_line(summary: dict[str, Any]) -> str:
+    """One line per evaluation: F1 of each split (percent)."""
+    parts = []
+    for split, m in summary.items():
+        f1 = m.get("f1") if isinstance(m, dict) else None
+        parts.append(f"{split} F1 {100 * f1:.1f}" if isinstance(f1, (int, float)) else split)
+    return ", ".join(parts) or "no splits"
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -336,12 +346,18 @@ def recover_learners(run: Run) -> None:
 # ------------------------------------------------------------------------------ main
 
 
-def init_ray(cfg: ExperimentConfig) -> bool:
-    """Start a private local cluster or join one. Returns True if this call started Ray."""
+def init_ray(cfg: ExperimentConfig, log_file: Path | None = None) -> bool:
+    """Start a private local cluster or join one. Returns True if this call started Ray.
+    With `log_file` (a local cluster, not verbose), every Ray worker writes its output
+    (vLLM, DeepSpeed, the actors' own logs) to that file instead of the console."""
     if ray.is_initialized():
         return False
-    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "REPIC_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE") if k in os.environ}}
+    env: dict[str, Any] = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "REPIC_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE") if k in os.environ}}
     if cfg.cluster.address == "local":
+        if log_file is not None and not cfg.trainer.verbose:
+            from recipes.console import worker_setup_hook
+
+            env["worker_process_setup_hook"] = worker_setup_hook(log_file)
         need = (
             cfg.cluster.num_rollout_workers * cfg.cluster.rollout.num_cpus
             + cfg.cluster.num_reward_actors * cfg.cluster.reward.num_cpus
@@ -397,6 +413,7 @@ def fit(run: Run) -> dict[str, Any]:
     evals: dict[str, Any] = {}
     if cfg.trainer.eval_before and run.step == 0 and run.data.eval_splits:
         evals["before"] = evaluate(run, "before")
+    log.info("training steps %d..%d (metrics: %s)", run.step + 1, cfg.trainer.steps, run.out / "metrics.jsonl")
     progress = _progress(cfg, run.step)
     while run.step < cfg.trainer.steps:
         try:
@@ -424,7 +441,7 @@ def fit(run: Run) -> dict[str, Any]:
         save_checkpoint(run)
     if run.data.eval_splits:
         evals["after"] = evaluate(run, "after")
-    export_policy(run)
+    log.info("exported the policy to %s", export_policy(run))
     run.metrics.close()
     return evals
 
@@ -470,8 +487,16 @@ def shutdown(run: Run) -> None:
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Run a whole experiment: start (or join) Ray, train, evaluate, write the report."""
-    started = init_ray(cfg)
+    """Run a whole experiment: start (or join) Ray, train, evaluate, write the report.
+    The console shows the progress bar and `repic.*` messages; library logs go to
+    `{output_dir}/log.txt` (all of them on the console too with `trainer.verbose`)."""
+    from recipes.console import route_library_loggers, setup_logging
+
+    log_file = Path(cfg.output_dir) / "log.txt"
+    setup_logging(log_file, cfg.trainer.verbose)
+    log.info("starting Ray and the actors (library logs: %s)", log_file)
+    started = init_ray(cfg, log_file)
+    route_library_loggers()  # Ray set up its loggers while starting
     try:
         run = start_run(cfg)
         try:

@@ -163,6 +163,9 @@ class TrainerConfig:
     """Write TensorBoard event files beside the JSONL metrics."""
     progress_bar: bool = True
     """Show a progress bar on stderr."""
+    verbose: bool = False
+    """Library logs (vLLM, Ray, DeepSpeed, transformers, warnings) on the console too; by
+    default they go only to `{output_dir}/log.txt` (`repic train --verbose` sets this)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:

@@ -68,6 +68,8 @@ def setup_logging(log_file: str | Path | None, verbose: bool = False) -> None:
     logging.captureWarnings(True)
     if not verbose:
         warnings.simplefilter("default")  # each warning once per location, into the log file
+        if "transformers" in sys.modules:  # its per-load / per-save bars ("Loading weights")
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     route_library_loggers()
 
 

@@ -35,7 +35,7 @@ install-gpu:
 	$(PIP) install -q -e ".[gpu,dev,bench]"
 
 demo: install
-	$(PY) -m actors.cli train --config configs/tiny_cpu.yaml
+	$(PY) -m recipes.cli train --config configs/tiny_cpu.yaml
 
 # System packages some tests need (PostgreSQL server binaries, headless Chromium).
 system-deps:
@@ -48,4 +48,4 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check repic_ray actors deploy tests bench
+	$(VENV)/bin/ruff check repic_ray actors recipes deploy tests bench

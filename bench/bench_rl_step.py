@@ -1,6 +1,6 @@
 """RL step throughput: our Ray pipeline vs TRL's `GRPOTrainer`, RePIC's recipe, same model.
 
-Ours: `actors.driver` (vLLM rollout worker, reward actor, DeepSpeed learner as Ray actors),
+Ours: `recipes.train` (vLLM rollout worker, reward actor, DeepSpeed learner as Ray actors),
 `training_step` timed wall clock, per phase as well. TRL: `bench/trl_grpo.py` (same
 LoRA, beta, clip, group size, per-sequence loss aggregation, learning rate, prompts and
 name reward; generation with transformers). Both train P prompts x G generations per step;

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_env()
     from repic_ray.rollout.config import SamplingConfig
 
-    cfg = bench_config(args, ["--sampling.n", str(args.n)])
+    cfg = bench_config(args, ["--algo.group_size", str(args.n)])
     sampling = SamplingConfig(n=args.n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                               max_tokens=args.max_tokens, seed=0)
     requests, _ = world_requests(cfg, args.prompts, args.n)

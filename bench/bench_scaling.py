@@ -3,7 +3,7 @@
 Workers are created exactly as a training run creates them
 (`actors.roles.create_rollout_workers`: one placement-group bundle per worker with the
 role's resources) and the same requests are split across them as the driver splits a
-step's prompts (`actors.driver.split_evenly`). Sampling is seeded per request, so every
+step's prompts (`recipes.train.split_evenly`). Sampling is seeded per request, so every
 worker count produces the very same completions: the work is identical, only its
 distribution changes. Each worker count gets one warm-up round (excluded), then `--iters`
 timed rounds; the workers are removed before the next count starts.
@@ -42,8 +42,8 @@ def measure(cfg, count: int, requests: list, warmup: list, iters: int) -> dict:
     import ray
     from ray.util.placement_group import remove_placement_group
 
-    from actors.driver import split_evenly
     from actors.roles import create_rollout_workers
+    from recipes.train import split_evenly
 
     cfg = copy.deepcopy(cfg)
     cfg.cluster.num_rollout_workers = count
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in args.workers.split(",") if c.strip()]
     if not counts or min(counts) < 1:
         raise SystemExit(f"--workers: expected positive counts, got {args.workers!r}")
-    cfg = bench_config(args, ["--sampling.n", str(args.n), "--sampling.seed", "0",
+    cfg = bench_config(args, ["--algo.group_size", str(args.n),
                               "--cluster.num_rollout_workers", str(max(counts))], name="bench_scaling")
     requests, _ = world_requests(cfg, args.prompts, args.n)
     warmup = [r.__class__(uid=f"warmup:{i}", prompt_text=r.prompt_text, image_paths=r.image_paths, n=r.n)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from actors.driver import init_ray
+    from recipes.train import init_ray
 
     res = cfg.cluster.rollout
     if cfg.cluster.address == "local" and cfg.cluster.num_cpus is None:

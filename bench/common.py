@@ -76,7 +76,6 @@ def step_overrides(args: argparse.Namespace) -> list[str]:
     if args.steps < 1 or args.warmup < 0 or args.prompts < 1 or args.group < 1:
         raise SystemExit("--steps, --prompts and --group must be >= 1 and --warmup >= 0")
     return ["--algo.prompts_per_step", str(args.prompts), "--algo.group_size", str(args.group),
-            "--sampling.n", str(args.group),
             "--learner.micro_batch_size", str(min(16, args.prompts * args.group))]
 
 
@@ -84,7 +83,7 @@ def bench_config(args: argparse.Namespace, overrides: Sequence[str] = (), name: 
     """The experiment config of a benchmark: recipe, then `overrides`, then the user's `--set`.
 
     Derived fields (the rollout checkpoint) are filled as `repic train` fills them."""
-    from actors.driver import prepare_config
+    from recipes.train import prepare_config
     from repic_ray.config import load_config
     from repic_ray.pipeline.config import ExperimentConfig
 
@@ -135,7 +134,7 @@ def ray_session(cfg):
     def session():
         import ray
 
-        from actors.driver import init_ray
+        from recipes.train import init_ray
 
         started = init_ray(cfg)
         try:
@@ -170,7 +169,7 @@ def run_pipeline(cfg, steps: int, warmup: int, after_step=None) -> dict[str, Any
             import ray
 
             with Stopwatch() as dw:
-                ray.get(run.pending[2])
+                ray.get(run.pending.refs)
             drain, run.pending = dw.seconds, None
     finally:
         driver.shutdown(run)

@@ -6,7 +6,7 @@
 #
 # Runs, from the project root:
 #   ray job submit --working-dir . --runtime-env deploy/job_runtime_env.yaml -- \
-#       python -m actors.cli train --config CONFIG [overrides] --address auto
+#       python -m recipes.cli train --config CONFIG [overrides] --address auto
 #
 # Environment:
 #   RAY_ADDRESS       dashboard address of the cluster's head (required), e.g. http://head:8265
@@ -50,4 +50,4 @@ command -v "$ray_bin" >/dev/null || { echo "submit_job.sh: '$ray_bin' not found 
 # shellcheck disable=SC2086  # REPIC_JOB_ARGS is a list of flags
 exec "$ray_bin" job submit --address "$RAY_ADDRESS" --working-dir . --runtime-env "$runtime_env" \
     ${REPIC_JOB_ARGS:-} -- \
-    python -m actors.cli "${REPIC_COMMAND:-train}" --config "$config" "$@" --address auto
+    python -m recipes.cli "${REPIC_COMMAND:-train}" --config "$config" "$@" --address auto

@@ -2,7 +2,8 @@
 
 `repic_ray` is the pure core: configs, data, prompts, rewards, advantage and loss
 math, the rollout and learner engines, evaluation and the concept store. It never
-imports `ray`; `actors/` wraps these classes as Ray actors and `deploy/` serves them.
+imports `ray`; `actors/` wraps these classes as Ray actors, `deploy/` serves them, and
+`recipes/` composes them into the `repic` commands.
 
 Tensor names carry their shape as a suffix, one letter per dimension:
 

@@ -2,14 +2,15 @@
 
 Every setting is a field of a dataclass with a docstring under it. YAML recipes
 under `configs/` only override defaults, and dotted command-line overrides
-(`--rollout.num_workers 4`) override the YAML. Loading is strict: an unknown key,
+(`--cluster.num_rollout_workers 4`) override the YAML. Loading is strict: an unknown key,
 a value of the wrong type or an impossible value fails at load time with a
 message that names the key (and the closest valid key for a typo).
 
     cfg = load_config(ExperimentConfig, "configs/tiny_cpu.yaml", ["--trainer.steps", "3"])
 
-Fields whose value is derived at run time are documented as such and left at
-their default in recipes.
+A config class with a `resolved(explicit_keys)` method (`ExperimentConfig`) is resolved
+on load: fields documented "Derived:" are filled from their source, and rules spanning
+sections are checked (`repic_ray.pipeline.resolve`).
 """
 
 from __future__ import annotations
@@ -242,10 +243,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if overrides:
         data = deep_merge(data, parse_overrides(overrides))
     try:
-        return from_dict(cls, data)
+        cfg = from_dict(cls, data)
+        if callable(getattr(cfg, "resolved", None)):  # derived fields and cross-field rules
+            cfg = cfg.resolved(explicit_keys(data))
+        return cfg
     except ConfigError as exc:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{exc}") from None
+
+
+def explicit_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys written in a (merged) recipe: `{"a": {"b": 1}}` -> `{"a", "a.b"}`."""
+    keys: set[str] = set()
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        keys.add(dotted)
+        if isinstance(value, dict):
+            keys |= explicit_keys(value, dotted + ".")
+    return keys
 
 
 def dump_yaml(cfg: Any) -> str:

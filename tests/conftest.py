@@ -89,7 +89,8 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
 # so each holds an exclusive file lock for its whole run: heavy modules run one at a
 # time while the other worker goes on with the rest (fixture waits are not counted by
 # pytest-timeout: `timeout_func_only`).
-HEAVY = ("tests/actors/", "tests/bench/test_bench_", "tests/deploy/test_job_submit.py",
+HEAVY = ("tests/actors/", "tests/recipes/test_train.py", "tests/recipes/test_cli.py",
+         "tests/bench/test_bench_", "tests/deploy/test_job_submit.py",
          "tests/deploy/test_serve.py", "tests/deploy/test_multinode_placement.py",
          "tests/repic_ray/test_learning.py")
 _ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ Decoding is greedy (temperature 0), one caption per query. Outputs under
 
 Every number in metrics.json is what `repic eval --captions FILE --candidates
 candidates.json --references references.json --json` prints for the corresponding
-result file: both go through `repic_ray.evaluation.cli.score_file`.
+result file: both go through `repic_ray.evaluation.scoring.score_file`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from repic_ray.data.formats import (
     load_samples,
     save_captions,
 )
+from repic_ray.evaluation.scoring import score_file
 from repic_ray.prompts import Prompt, build_prompt, caption_prompt, task_suffix
 from repic_ray.serving.retriever import RetrieverConfig
 
@@ -456,8 +457,6 @@ def write_results(
         candidates: names to look for (None: the ground-truth names of each result file).
         retrieved: retrieval mode's per-query concepts, also scored as retrieval recall.
     """
-    from repic_ray.evaluation.cli import score_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A previous run of this method and mode may have had other splits: drop its files.

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repic_ray.evaluation.cli import evaluate_file
 from repic_ray.evaluation.metric import NameEvaluation
+from repic_ray.evaluation.scoring import evaluate_file
 
 
 def evaluate_methods(

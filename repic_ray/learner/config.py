@@ -57,10 +57,12 @@ class LossConfig:
     """Generation budget dividing each sequence's token sum in seq_mean_token_sum_norm."""
     temperature: float = 1.0
     """Sampling temperature of the behaviour policy: logits are divided by it so the
-    learner's log-probs are those the rollout sampled from."""
+    learner's log-probs are those the rollout sampled from. Derived: in an experiment,
+    from `sampling.temperature`."""
     block_vision_tokens: bool = True
     """Add the rollout engines' -100 logit bias to the vision special tokens (they never
-    sample them; `sampling.block_vision_tokens`), so learner and rollout log-probs agree."""
+    sample them), so learner and rollout log-probs agree. Derived: in an experiment, from
+    `sampling.block_vision_tokens`."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (loss -= entropy_coef * entropy)."""
     name_token_weight: float = 1.0
@@ -146,7 +148,8 @@ class LearnerConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward (saves memory, costs ~30% time)."""
     seed: int = 0
-    """Seed for LoRA/value-head initialization and dropout."""
+    """Seed for LoRA/value-head initialization and dropout. Derived: in an experiment, from
+    `trainer.seed`."""
     loss: LossConfig = field(default_factory=LossConfig)
     """Policy-loss settings."""
     critic: CriticConfig = field(default_factory=CriticConfig)

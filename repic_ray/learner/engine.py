@@ -37,7 +37,13 @@ from repic_ray.learner.batch import SFTBatch, TrainBatch, TrainStats
 from repic_ray.learner.config import LearnerConfig
 from repic_ray.learner.export import lora_state_dict, merged_state_dict
 from repic_ray.models.loading import vision_special_token_ids
-from repic_ray.rl.losses import aggregate_loss, entropy_from_logits, policy_loss, value_loss
+from repic_ray.rl.losses import (
+    LossSettings,
+    aggregate_loss,
+    entropy_from_logits,
+    policy_loss,
+    value_loss,
+)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _PROMPT_CACHE_SIZE = 256
@@ -559,6 +565,9 @@ class LearnerEngine:
             batch = dataclasses.replace(batch, ref_logprobs_BT=self.compute_ref_logprobs(batch))
         normalizer = self._normalizer(batch, lc.loss_agg)
 
+        settings = LossSettings(clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
+                                kl_beta=lc.kl_beta, kl_estimator=lc.kl_estimator,
+                                entropy_coef=lc.entropy_coef, agg=lc.loss_agg, max_len=lc.max_len)
         self.engine.train()
         sums = dict.fromkeys(("loss", "pg", "vf", "kl", "clip", "ent", "tok"), 0.0)
         for idx in _chunks(len(batch), cfg.micro_batch_size):
@@ -577,18 +586,11 @@ class LearnerEngine:
                 mb.old_logprobs_BT.to(self.device),
                 mb.advantages_BT.to(self.device),
                 mi.mask_BT,
+                settings,
                 ref_logprobs_BT=None
                 if mb.ref_logprobs_BT is None
                 else mb.ref_logprobs_BT.to(self.device),
-                clip_low=lc.clip_low,
-                clip_high=lc.clip_high,
-                dual_clip=lc.dual_clip,
-                kl_beta=lc.kl_beta,
-                kl_estimator=lc.kl_estimator,
                 entropy_BT=entropy_BT,
-                entropy_coef=lc.entropy_coef,
-                agg=lc.loss_agg,
-                max_len=lc.max_len,
                 normalizer=normalizer,
             )
             if critic:

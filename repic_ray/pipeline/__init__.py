@@ -1,2 +1,2 @@
 """Pure pieces of the training pipeline: prompt sampling, experience assembly,
-metrics and the run report. The Ray driver in `actors/` composes them."""
+metrics and the run report. The RL recipe (`recipes/train.py`) composes them."""

@@ -7,9 +7,11 @@ YAML recipes under `configs/` override these defaults; see `repic_ray.config`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
+from repic_ray.data.synthetic import WorldConfig
 from repic_ray.learner.config import LearnerConfig
 from repic_ray.rewards import RewardConfig
 from repic_ray.rollout.config import RolloutConfig, SamplingConfig
@@ -22,24 +24,11 @@ class DataConfig:
     world_dir: str | None = None
     """Directory of a synthetic world (`python -m repic_ray.data.synthetic --out DIR`).
     When None and no real-data paths are given, a world is generated under
-    `$REPIC_CACHE/worlds/` from the `world_*` settings below (cached by them)."""
-    world_seed: int = 0
-    """Seed of the generated synthetic world."""
-    world_num_concepts: int = 8
-    """Concepts in the generated world's database (one user's concepts)."""
-    world_names: Literal["fixed", "per_episode"] = "fixed"
-    """`fixed`: each concept keeps its name across the dataset (the model learns
-    appearance -> name, as MyVLM / Yo'LLaVA personalize). `per_episode`: names are
-    re-drawn per sample and must be read from the reference images (harder)."""
-    world_num_train: int = 400
-    """Training samples in the generated world."""
-    world_num_sft: int = 2000
-    """SFT caption samples in the generated world."""
-    world_num_eval_per_k: int = 30
-    """Evaluation query images per concept count k in the generated world."""
-    world_sft_single_fraction: float = 0.8
-    """Fraction of the generated SFT captions whose image holds exactly one concept
-    (RePIC's data bottleneck: personalized SFT data is mostly single-concept)."""
+    `$REPIC_CACHE/worlds/` from `world` below (cached by its settings)."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    """The synthetic world generated (and cached) when neither `world_dir` nor real-data
+    paths are given (`repic_ray.data.synthetic.WorldConfig`: seed, concepts, name mode,
+    sample counts)."""
     train_file: str | None = None
     """RePIC-format training samples (JSON / JSONL) of a real dataset; overrides the world."""
     sft_file: str | None = None
@@ -61,11 +50,6 @@ class DataConfig:
             raise ValueError(f"train_tasks must be a non-empty subset of {list(TASKS)}, got {self.train_tasks}")
         if any(k < 1 or k > 5 for k in self.eval_ks):
             raise ValueError(f"eval_ks must be within 1..5, got {self.eval_ks}")
-        if not 0.0 <= self.world_sft_single_fraction <= 1.0:
-            raise ValueError(f"world_sft_single_fraction must be in [0, 1], got {self.world_sft_single_fraction}")
-        for name in ("world_num_concepts", "world_num_train", "world_num_sft", "world_num_eval_per_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -173,11 +157,15 @@ class TrainerConfig:
     resume: bool = False
     """Continue from the newest checkpoint in `output_dir`."""
     seed: int = 0
-    """Seed of prompt order, sampling and the learner."""
+    """The one seed of a run: prompt order and suffixes, and (derived from it) `sampling.seed`,
+    `rollout.seed` and `learner.seed`."""
     tensorboard: bool = True
     """Write TensorBoard event files beside the JSONL metrics."""
     progress_bar: bool = True
     """Show a progress bar on stderr."""
+    verbose: bool = False
+    """Library logs (vLLM, Ray, DeepSpeed, transformers, warnings) on the console too; by
+    default they go only to `{output_dir}/log.txt` (`repic train --verbose` sets this)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -221,8 +209,9 @@ class ExperimentConfig:
     """Training and evaluation data."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     """Policy, LoRA, DeepSpeed and loss settings of the learner."""
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    """vLLM engine settings of each rollout worker."""
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(limit_images_per_prompt=8))
+    """vLLM engine settings of each rollout worker (8 images per prompt: the default world's
+    largest prompt, 5 present and 2 absent concepts' references, then the query)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Sampling settings of training rollouts."""
     eval_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=1, temperature=0.0))
@@ -241,6 +230,13 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}")
+
+    def resolved(self, explicit: Collection[str] = ()) -> ExperimentConfig:
+        """A copy with derived fields filled and cross-section rules checked
+        (`repic_ray.pipeline.resolve.resolve`); run by `load_config`."""
+        from repic_ray.pipeline.resolve import resolve
+
+        return resolve(self, explicit)
 
     @property
     def output_dir(self) -> str:

@@ -48,20 +48,20 @@ class RunData:
 
 def world_dir_for(cfg: DataConfig) -> Path:
     """The generated world for these settings, under `$REPIC_CACHE/worlds/` (created once)."""
+    import dataclasses
+    import hashlib
+
     from repic_ray.data.synthetic import WorldConfig, generate_world
 
-    wc = WorldConfig(
-        seed=cfg.world_seed,
-        num_concepts=cfg.world_num_concepts,
-        names=cfg.world_names,
-        num_train=cfg.world_num_train,
-        num_sft=cfg.world_num_sft,
-        num_eval_per_k=cfg.world_num_eval_per_k,
-        sft_single_fraction=cfg.world_sft_single_fraction,
-    )
+    wc = cfg.world
     cache = Path(os.environ.get("REPIC_CACHE", Path.home() / ".cache" / "repic"))
     key = (f"s{wc.seed}-c{wc.num_concepts}-{wc.names}-t{wc.num_train}-f{wc.num_sft}"
            f"-e{wc.num_eval_per_k}-sf{wc.sft_single_fraction:g}")
+    keyed = ("seed", "num_concepts", "names", "num_train", "num_sft", "num_eval_per_k", "sft_single_fraction")
+    others = {f.name: getattr(wc, f.name) for f in dataclasses.fields(WorldConfig)
+              if f.name not in keyed and getattr(wc, f.name) != f.default}
+    if others:  # settings beyond the original key get a digest (worlds cached before keep their key)
+        key += "-" + hashlib.sha1(repr(sorted(others.items())).encode()).hexdigest()[:10]
     out = cache / "worlds" / key
     if not (out / "DONE").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")

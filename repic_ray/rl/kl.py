@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from repic_ray.rl.advantages import _check_same_shape, masked_fill_zero
+from repic_ray.rl.masked import check_same_shape, masked_fill_zero
 
 __all__ = ["KL_ESTIMATORS", "apply_kl_to_rewards", "kl_penalty"]
 
@@ -35,7 +35,7 @@ def kl_penalty(
     drifts far from the reference; verl clamps at 10). Padding is not masked here:
     the caller aggregates with its mask.
     """
-    _check_same_shape(logprobs_BT, ref_logprobs_BT, "logprobs_BT", "ref_logprobs_BT")
+    check_same_shape(logprobs_BT, ref_logprobs_BT, "logprobs_BT", "ref_logprobs_BT")
     d = logprobs_BT - ref_logprobs_BT.detach()
     if estimator == "k1":
         kl = d
@@ -70,7 +70,7 @@ def apply_kl_to_rewards(
     gradient) and 0 on padding. k1 is the usual choice here (PPO-RLHF, REINFORCE++),
     since the return sums it over tokens into the sequence-level log-ratio.
     """
-    _check_same_shape(token_rewards_BT, mask_BT, "token_rewards_BT", "mask_BT")
+    check_same_shape(token_rewards_BT, mask_BT, "token_rewards_BT", "mask_BT")
     kl_BT = kl_penalty(logprobs_BT.detach(), ref_logprobs_BT, estimator, clamp)
     kl_BT = masked_fill_zero(kl_BT, mask_BT)
     rewards = masked_fill_zero(token_rewards_BT.detach(), mask_BT) - beta * kl_BT

@@ -28,16 +28,18 @@ whole batch exactly when every micro-batch uses
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from repic_ray.rl.advantages import (
-    _check_same_shape,
+from repic_ray.rl.kl import kl_penalty
+from repic_ray.rl.masked import (
     check_right_padded,
+    check_same_shape,
     masked_fill_zero,
     masked_mean,
     masked_sum,
 )
-from repic_ray.rl.kl import kl_penalty
 
 __all__ = [
     "AGG_MODES",
@@ -74,7 +76,7 @@ def aggregate_loss(
     `normalizer` replaces the default `N`; see the module docstring for the value a
     data-parallel learner must pass.
     """
-    _check_same_shape(loss_BT, mask_BT, "loss_BT", "mask_BT")
+    check_same_shape(loss_BT, mask_BT, "loss_BT", "mask_BT")
     if normalizer is not None and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
     if agg == "token_mean":
@@ -113,9 +115,9 @@ def ppo_clip_loss(
     `ratio` (rho), `clipped` (the clip branch is active, so no gradient),
     `dual_clipped` (the dual-clip bound is active, no gradient).
     """
-    _check_same_shape(logprobs_BT, mask_BT, "logprobs_BT", "mask_BT")
-    _check_same_shape(old_logprobs_BT, mask_BT, "old_logprobs_BT", "mask_BT")
-    _check_same_shape(advantages_BT, mask_BT, "advantages_BT", "mask_BT")
+    check_same_shape(logprobs_BT, mask_BT, "logprobs_BT", "mask_BT")
+    check_same_shape(old_logprobs_BT, mask_BT, "old_logprobs_BT", "mask_BT")
+    check_same_shape(advantages_BT, mask_BT, "advantages_BT", "mask_BT")
     if not 0.0 <= clip_low < 1.0:
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
     if not clip_high >= 0.0:
@@ -164,29 +166,46 @@ def entropy_from_logits(logits_BTV: torch.Tensor) -> torch.Tensor:
     return logz - (p * z).sum(dim=-1)
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """The scalar settings of `policy_loss` (a learner builds one from its loss config)."""
+
+    clip_low: float = 0.2
+    """PPO clip below: the ratio is clipped at 1 - clip_low."""
+    clip_high: float = 0.2
+    """PPO clip above: the ratio is clipped at 1 + clip_high (DAPO: 0.28)."""
+    dual_clip: float | None = None
+    """Dual-clip bound c > 1 for negative advantages; None = off."""
+    kl_beta: float = 0.0
+    """Weight of the KL to the reference in the loss."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3."""
+    kl_clamp: float | None = None
+    """Clamp of the per-token KL estimate; None = unclamped."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (loss -= entropy_coef * entropy)."""
+    agg: str = "seq_mean_token_mean"
+    """Loss aggregation mode (`AGG_MODES`)."""
+    max_len: int | None = None
+    """Generation budget of `seq_mean_token_sum_norm`."""
+
+
 def policy_loss(
     logprobs_BT: torch.Tensor,
     old_logprobs_BT: torch.Tensor,
     advantages_BT: torch.Tensor,
     mask_BT: torch.Tensor,
+    settings: LossSettings = LossSettings(),
     *,
     ref_logprobs_BT: torch.Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl_beta: float = 0.0,
-    kl_estimator: str = "k3",
-    kl_clamp: float | None = None,
     entropy_BT: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    agg: str = "seq_mean_token_mean",
-    max_len: int | None = None,
     normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Full policy loss `agg(l_t + kl_beta * kl_t - entropy_coef * H_t)`.
 
-    Tensors are `[B, T]` with a right-padded `mask_BT`. `ref_logprobs_BT` is
-    needed when `kl_beta != 0` (the KL is reported whenever it is given);
+    Tensors are `[B, T]` with a right-padded `mask_BT`; the scalars are `settings`
+    (`LossSettings`). `ref_logprobs_BT` is needed when `kl_beta != 0` (the KL is
+    reported whenever it is given);
     `entropy_BT` (from `entropy_from_logits`, with gradient) when
     `entropy_coef != 0`. RePIC: `clip_low = clip_high = 0.2`, `kl_beta = 0.04`,
     k3, `"seq_mean_token_mean"`. DAPO: `clip_high = 0.28`, `"token_mean"`.
@@ -198,42 +217,42 @@ def policy_loss(
     (`rho - 1 - log rho`, an estimate of KL(old || new)).
     """
     check_right_padded(mask_BT, allow_empty=True)
-    if kl_beta != 0.0 and ref_logprobs_BT is None:
-        raise ValueError(f"kl_beta={kl_beta} needs ref_logprobs_BT")
-    if entropy_coef != 0.0 and entropy_BT is None:
-        raise ValueError(f"entropy_coef={entropy_coef} needs entropy_BT")
+    if settings.kl_beta != 0.0 and ref_logprobs_BT is None:
+        raise ValueError(f"kl_beta={settings.kl_beta} needs ref_logprobs_BT")
+    if settings.entropy_coef != 0.0 and entropy_BT is None:
+        raise ValueError(f"entropy_coef={settings.entropy_coef} needs entropy_BT")
 
     pg_BT, info = ppo_clip_loss(
         logprobs_BT,
         old_logprobs_BT,
         advantages_BT,
         mask_BT,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
+        clip_low=settings.clip_low,
+        clip_high=settings.clip_high,
+        dual_clip=settings.dual_clip,
     )
     total_BT = pg_BT
     stats: dict[str, torch.Tensor] = {}
     if ref_logprobs_BT is not None:
-        _check_same_shape(ref_logprobs_BT, mask_BT, "ref_logprobs_BT", "mask_BT")
+        check_same_shape(ref_logprobs_BT, mask_BT, "ref_logprobs_BT", "mask_BT")
         kl_BT = kl_penalty(
             masked_fill_zero(logprobs_BT, mask_BT),
             masked_fill_zero(ref_logprobs_BT.detach(), mask_BT),
-            kl_estimator,
-            kl_clamp,
+            settings.kl_estimator,
+            settings.kl_clamp,
         )
-        if kl_beta != 0.0:
-            total_BT = total_BT + kl_beta * kl_BT
+        if settings.kl_beta != 0.0:
+            total_BT = total_BT + settings.kl_beta * kl_BT
         stats["kl"] = masked_mean(kl_BT.detach(), mask_BT)
     if entropy_BT is not None:
-        _check_same_shape(entropy_BT, mask_BT, "entropy_BT", "mask_BT")
+        check_same_shape(entropy_BT, mask_BT, "entropy_BT", "mask_BT")
         ent_BT = masked_fill_zero(entropy_BT, mask_BT)
-        if entropy_coef != 0.0:
-            total_BT = total_BT - entropy_coef * ent_BT
+        if settings.entropy_coef != 0.0:
+            total_BT = total_BT - settings.entropy_coef * ent_BT
         stats["entropy"] = masked_mean(ent_BT.detach(), mask_BT)
 
     def reduce(x_BT: torch.Tensor) -> torch.Tensor:
-        return aggregate_loss(x_BT, mask_BT, agg, max_len=max_len, normalizer=normalizer)
+        return aggregate_loss(x_BT, mask_BT, settings.agg, max_len=settings.max_len, normalizer=normalizer)
 
     loss = reduce(total_BT)
     ratio, log_ratio = info["ratio"], info["log_ratio"]
@@ -268,9 +287,9 @@ def value_loss(
     Returns `(loss, stats)` with detached `vf_clip_frac` (tokens whose gradient
     the clip removes) and `vf_explained_var` (`1 - Var(R - V) / Var(R)`).
     """
-    _check_same_shape(values_BT, mask_BT, "values_BT", "mask_BT")
-    _check_same_shape(old_values_BT, mask_BT, "old_values_BT", "mask_BT")
-    _check_same_shape(returns_BT, mask_BT, "returns_BT", "mask_BT")
+    check_same_shape(values_BT, mask_BT, "values_BT", "mask_BT")
+    check_same_shape(old_values_BT, mask_BT, "old_values_BT", "mask_BT")
+    check_same_shape(returns_BT, mask_BT, "returns_BT", "mask_BT")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0 (or None), got {clip}")
     v = masked_fill_zero(values_BT, mask_BT)

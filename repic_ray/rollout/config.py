@@ -13,7 +13,8 @@ class SamplingConfig:
     """How completions are sampled (RePIC: 8 samples, temperature 1.0, 256 tokens)."""
 
     n: int = 8
-    """Completions per prompt, used when a request does not set its own `n`."""
+    """Completions per prompt, used when a request does not set its own `n`. Derived: in an
+    experiment's `sampling`, from `algo.group_size`."""
     temperature: float = 1.0
     """Sampling temperature in [0, 2] (vLLM's range); 0 means greedy decoding."""
     top_p: float = 1.0
@@ -24,7 +25,8 @@ class SamplingConfig:
     """Strings that end a completion; the text is cut before them (token ids keep them)."""
     seed: int | None = None
     """Base seed. Set: each request's samples are reproducible, derived from the seed and the
-    request uid (independent of batch order in vLLM). None: fresh randomness every call."""
+    request uid (independent of batch order in vLLM). None: fresh randomness every call.
+    Derived: in an experiment's `sampling`, from `trainer.seed`."""
     block_vision_tokens: bool = True
     """Never sample the vision special tokens (`<|image_pad|>`, `<|vision_start|>`, ...)."""
 
@@ -46,7 +48,8 @@ class RolloutConfig:
     """The rollout (inference) engine: model, memory and engine limits, default sampling."""
 
     model: str = ""
-    """Hugging Face checkpoint directory (or hub id) of the policy."""
+    """Hugging Face checkpoint directory (or hub id) of the policy. Derived: in an
+    experiment, from `learner.model` (the rollout serves the policy the learner trains)."""
     tokenizer: str | None = None
     """Tokenizer / processor directory; None uses `model`."""
     dtype: str = "bfloat16"
@@ -78,7 +81,7 @@ class RolloutConfig:
     enforce_eager: bool = True
     """Skip CUDA-graph / compile capture (required on CPU, faster start everywhere)."""
     seed: int = 0
-    """Engine seed (initial sampler state)."""
+    """Engine seed (initial sampler state). Derived: in an experiment, from `trainer.seed`."""
     mm_processor_kwargs: dict = field(default_factory=dict)
     """Extra image-processor arguments, e.g. {"min_pixels": 784, "max_pixels": 1003520}."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

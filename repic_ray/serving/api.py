@@ -21,6 +21,7 @@ production, the plain classes in tests), so this module never imports Ray.
 # No `from __future__ import annotations` here: FastAPI must evaluate the route
 # annotations, which name dependencies defined locally inside `build_app`.
 import asyncio
+import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Protocol
@@ -42,7 +43,10 @@ from repic_ray.serving.uploads import (
     check_text,
 )
 
-DEFAULT_STATIC_DIR = Path(__file__).resolve().parents[2] / "deploy" / "static"
+
+def default_static_dir() -> Path:
+    """The web page shipped as package data of `repic_ray.serving` (`static/`)."""
+    return Path(str(importlib.resources.files("repic_ray.serving") / "static"))
 
 
 @dataclass
@@ -54,7 +58,8 @@ class ApiConfig:
     default_top_k: int = 2
     """Concepts retrieved when a caption request names none and gives no `top_k`."""
     static_dir: str = ""
-    """Directory of the web page; empty means `deploy/static` of this checkout."""
+    """Directory of the web page; empty means the page shipped with the package
+    (`repic_ray/serving/static`, found through `importlib.resources`)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_top_k <= self.limits.max_concepts_per_caption:
@@ -307,7 +312,7 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
 
     # -- web page ----------------------------------------------------------
 
-    static = Path(config.static_dir) if config.static_dir else DEFAULT_STATIC_DIR
+    static = Path(config.static_dir) if config.static_dir else default_static_dir()
     if static.is_dir():
         app.mount("/static", StaticFiles(directory=static), name="static")
 

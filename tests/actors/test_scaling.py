@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import ray
 
-from actors import driver, roles
+from actors import roles
+from recipes import train
 from repic_ray.config import load_config
 from repic_ray.models.loading import load_processor
 from repic_ray.pipeline.config import ExperimentConfig
@@ -18,11 +19,11 @@ pytestmark = pytest.mark.slow
 def test_one_two_four_rollout_workers_give_identical_seeded_rollouts(ray_local, tmp_path):
     cfg = load_config(ExperimentConfig, "configs/tiny_cpu.yaml", [
         "--learner.model", "tiny:qwen2.5-vl", "--cluster.num_rollout_workers", "4",
-        "--cluster.rollout.num_cpus", "0.5", "--sampling.max_tokens", "16", "--sampling.n", "2",
+        "--cluster.rollout.num_cpus", "0.5", "--sampling.max_tokens", "16", "--algo.group_size", "2",
         "--rollout.kv_cache_gib", "0.25",
         "--trainer.output_dir", str(tmp_path),
     ])
-    cfg = driver.prepare_config(cfg)
+    cfg = train.prepare_config(cfg)
     data = load_run_data(cfg.data)
     proc = load_processor(cfg.rollout.model)
     requests = [make_request(f"0:{i}", s, proc, seed=0, n=2)[0] for i, s in enumerate(data.train[:8])]
@@ -30,11 +31,11 @@ def test_one_two_four_rollout_workers_give_identical_seeded_rollouts(ray_local, 
     try:
         outputs = {}
         for n in (1, 2, 4):
-            refs = driver.launch_rollouts(workers[:n], requests, cfg.sampling, None)
+            refs = train.launch_rollouts(workers[:n], requests, cfg.sampling, None)
             assert len(refs) == n  # every worker of the layout got a share of the prompts
-            results = driver.collect_rollouts(refs, requests)
+            results = train.collect_rollouts(refs, requests)
             outputs[n] = {uid: [c.token_ids for c in r.completions] for uid, r in results.items()}
-            counters = driver.rollout_worker_metrics(workers[:n])
+            counters = train.rollout_worker_metrics(workers[:n])
             assert counters["rollout/samples"] == 2 * len(requests)
         assert outputs[1] == outputs[2] == outputs[4]
         assert len({pid for pid in ray.get([w.pid.remote() for w in workers])}) == 4

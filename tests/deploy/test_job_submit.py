@@ -163,7 +163,7 @@ def test_world_job_runs_the_uploaded_project_with_the_runtime_env(head, tmp_path
     probe = tmp_path / "probe.json"
     sid = f"world-{uuid.uuid4().hex[:8]}"
     entry = (
-        f"python -m actors.cli world --out {out} --num-concepts 4 --num-train 8 --num-sft 4 "
+        f"python -m recipes.cli world --out {out} --num-concepts 4 --num-train 8 --num-sft 4 "
         f"--num-eval-per-k 1 --max-concepts-per-image 2 && python -c \"{PROBE}\" {probe}"
     )
     proc = subprocess.run(
@@ -212,7 +212,7 @@ def test_submit_job_sh_surfaces_a_bad_config_as_a_failed_job(head):
     assert "config error: configs/tiny_cpu.yaml: trainer: steps must be >= 0, got -1" in logs
     info = head.client().get_job_info(sid)
     assert info.entrypoint.endswith("--trainer.steps -1 --address auto")
-    assert "python -m actors.cli train --config configs/tiny_cpu.yaml" in info.entrypoint
+    assert "python -m recipes.cli train --config configs/tiny_cpu.yaml" in info.entrypoint
 
 
 def run_submit(args: list[str], **env: str) -> subprocess.CompletedProcess:

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from recipes.sft import make_sft_batch
+from repic_ray.checkpoints import save_hf_checkpoint
 from repic_ray.data.formats import load_samples
 from repic_ray.data.synthetic import WorldConfig, generate_world
 from repic_ray.learner.config import LearnerConfig, LoraConfig, LossConfig
 from repic_ray.pipeline.episodes import make_request, reward_inputs
 from repic_ray.pipeline.experience import compute_advantages, rollout_batch
 from repic_ray.pipeline.sampler import PromptSampler
-from repic_ray.pipeline.sft import make_sft_batch, save_hf_checkpoint
 from repic_ray.ports import free_port
 from repic_ray.rewards import RewardConfig, build_reward
 from repic_ray.rollout.config import RolloutConfig, SamplingConfig

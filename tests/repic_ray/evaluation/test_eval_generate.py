@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
+from recipes.eval import main as eval_main
 from repic_ray.data.formats import DataError, load_captions, load_database, load_samples
-from repic_ray.evaluation.cli import main as eval_main
 from repic_ray.evaluation.generate import (
     EvalConfig,
     find_database,

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from recipes.eval import main
 from repic_ray.data.formats import load_captions, load_samples
-from repic_ray.evaluation.cli import main
 from repic_ray.evaluation.generate import EvalConfig, build_engine, run_eval
 
 

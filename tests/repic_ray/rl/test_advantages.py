@@ -7,17 +7,19 @@ from torch.testing import assert_close
 
 from repic_ray.rl.advantages import (
     broadcast_to_tokens,
-    check_right_padded,
     discounted_returns,
     gae_advantages,
     grpo_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    token_level_rewards,
+)
+from repic_ray.rl.masked import (
+    check_right_padded,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    token_level_rewards,
 )
 
 

@@ -6,6 +6,7 @@ from torch.testing import assert_close
 
 from repic_ray.rl.losses import (
     AGG_MODES,
+    LossSettings,
     aggregate_loss,
     entropy_from_logits,
     policy_loss,
@@ -61,7 +62,7 @@ def test_ppo_clip_higher_and_no_dual_clip():
 
 def test_policy_loss_stats_hand_values():
     logp, old, adv, mask = hand_batch()
-    loss, stats = policy_loss(logp, old, adv, mask, dual_clip=3.0, agg="token_mean")
+    loss, stats = policy_loss(logp, old, adv, mask, LossSettings(dual_clip=3.0, agg="token_mean"))
     # token mean of [-1.2, 0.8, -0.5, 1.5, 3.0, -2.2] = 1.4 / 6
     assert_close(loss, t64(1.4 / 6))
     assert_close(stats["pg_loss"], t64(1.4 / 6))
@@ -101,7 +102,7 @@ def test_policy_loss_with_kl_hand_values():
     ref = logp.detach() - t64([[math.log(2), math.log(2), 0.0], [0.0, 0.0, 0.0]])
     adv = t64([[1.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    loss, stats = policy_loss(logp, old, adv, mask, ref_logprobs_BT=ref, kl_beta=0.04)
+    loss, stats = policy_loss(logp, old, adv, mask, LossSettings(kl_beta=0.04), ref_logprobs_BT=ref)
     assert_close(loss, t64(0.02 * (math.log(2) - 0.5)))
     # kl stat: token mean over 3 tokens = 2 (ln 2 - 0.5) / 3
     assert_close(stats["kl"], t64(2 * (math.log(2) - 0.5) / 3))
@@ -130,14 +131,7 @@ def test_entropy_bonus_in_policy_loss():
     logits = t64([[[0.0, 0.0], [0.0, math.log(3)]]]).requires_grad_(True)
     ent = entropy_from_logits(logits)
     logp = torch.zeros(1, 2, dtype=F64)
-    loss, stats = policy_loss(
-        logp,
-        logp,
-        torch.zeros(1, 2, dtype=F64),
-        torch.ones(1, 2),
-        entropy_BT=ent,
-        entropy_coef=0.01,
-    )
+    loss, stats = policy_loss(logp, logp, torch.zeros(1, 2, dtype=F64), torch.ones(1, 2), LossSettings(entropy_coef=0.01), entropy_BT=ent)
     h1 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert_close(loss, t64(-0.01 * (math.log(2) + h1) / 2))
     assert_close(stats["entropy"], t64((math.log(2) + h1) / 2))
@@ -170,17 +164,17 @@ def test_value_loss_hand_values():
 def test_bad_arguments_raise():
     logp, old, adv, mask = hand_batch()
     with pytest.raises(ValueError, match="agg must be one of"):
-        policy_loss(logp, old, adv, mask, agg="sum")
+        policy_loss(logp, old, adv, mask, LossSettings(agg="sum"))
     with pytest.raises(ValueError, match="max_len"):
-        policy_loss(logp, old, adv, mask, agg="seq_mean_token_sum_norm")
+        policy_loss(logp, old, adv, mask, LossSettings(agg="seq_mean_token_sum_norm"))
     with pytest.raises(ValueError, match="needs ref_logprobs_BT"):
-        policy_loss(logp, old, adv, mask, kl_beta=0.1)
+        policy_loss(logp, old, adv, mask, LossSettings(kl_beta=0.1))
     with pytest.raises(ValueError, match="needs entropy_BT"):
-        policy_loss(logp, old, adv, mask, entropy_coef=0.1)
+        policy_loss(logp, old, adv, mask, LossSettings(entropy_coef=0.1))
     with pytest.raises(ValueError, match="clip_low"):
-        policy_loss(logp, old, adv, mask, clip_low=1.0)
+        policy_loss(logp, old, adv, mask, LossSettings(clip_low=1.0))
     with pytest.raises(ValueError, match="dual_clip"):
-        policy_loss(logp, old, adv, mask, dual_clip=1.0)
+        policy_loss(logp, old, adv, mask, LossSettings(dual_clip=1.0))
     with pytest.raises(ValueError, match="advantages_BT shape"):
         policy_loss(logp, old, adv[:, :3], mask)
     with pytest.raises(ValueError, match="not right-padded"):
@@ -216,7 +210,7 @@ def test_gradient_flows_only_where_it_should():
     old = old.clone().requires_grad_(True)
     ref = ref.clone().requires_grad_(True)
     adv = adv.clone().requires_grad_(True)
-    loss, _ = policy_loss(logp, old, adv, mask, ref_logprobs_BT=ref, kl_beta=0.1)
+    loss, _ = policy_loss(logp, old, adv, mask, LossSettings(kl_beta=0.1), ref_logprobs_BT=ref)
     assert torch.isfinite(loss)
     loss.backward()
     assert old.grad is None and ref.grad is None and adv.grad is None
@@ -228,7 +222,7 @@ def test_gradient_flows_only_where_it_should():
 def test_clipped_tokens_get_zero_gradient():
     logp, old, _, adv, mask = random_batch(seed=3)
     logp = logp.clone().requires_grad_(True)
-    loss, _ = policy_loss(logp, old, adv, mask, dual_clip=1.3)
+    loss, _ = policy_loss(logp, old, adv, mask, LossSettings(dual_clip=1.3))
     loss.backward()
     _, info = ppo_clip_loss(logp, old, adv, mask, dual_clip=1.3)
     stopped = info["clipped"] | info["dual_clipped"]
@@ -271,7 +265,7 @@ def _policy_loss_loop(logp, old, ref, adv, mask, clip_low, clip_high, dual, beta
 def test_policy_loss_vectorized_equals_loop(agg):
     logp, old, ref, adv, mask = random_batch(seed=5)
     kwargs = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 2.0, "kl_beta": 0.04}
-    loss, _ = policy_loss(logp, old, adv, mask, ref_logprobs_BT=ref, agg=agg, max_len=10, **kwargs)
+    loss, _ = policy_loss(logp, old, adv, mask, LossSettings(agg=agg, max_len=10, **kwargs), ref_logprobs_BT=ref)
     want = _policy_loss_loop(
         logp.tolist(),
         old.tolist(),
@@ -290,18 +284,7 @@ def test_policy_loss_vectorized_equals_loop(agg):
 
 def _loss_and_grad(logp, old, ref, adv, mask, agg, normalizer=None):
     logp = logp.detach().clone().requires_grad_(True)
-    loss, _ = policy_loss(
-        logp,
-        old,
-        adv,
-        mask,
-        ref_logprobs_BT=ref,
-        kl_beta=0.04,
-        clip_high=0.28,
-        agg=agg,
-        max_len=10,
-        normalizer=normalizer,
-    )
+    loss, _ = policy_loss(logp, old, adv, mask, LossSettings(kl_beta=0.04, clip_high=0.28, agg=agg, max_len=10), ref_logprobs_BT=ref, normalizer=normalizer)
     loss.backward()
     return loss.detach(), logp.grad
 

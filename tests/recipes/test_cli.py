@@ -17,7 +17,7 @@ def repic(child_env):
     """`repic(*args)` runs the command line in a fresh process."""
 
     def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "actors.cli", *args], check=False, cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "recipes.cli", *args], check=False, cwd=REPO,
                               env=child_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True,
                               timeout=timeout)
 
@@ -57,3 +57,8 @@ def test_main_job_runs_end_to_end_shortened(tmp_path, repic):
     assert (out / "curves.png").exists() and (out / "eval_curves.png").exists()
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / "final" / "model" / "model.safetensors").exists()
+    # a quiet console: vLLM's per-step INFO lines and library warnings are in the run's log only
+    log = (out / "log.txt").read_text()
+    assert "Successfully reset prefix cache" in log
+    assert "Successfully reset prefix cache" not in res.stdout + res.stderr
+    assert "evaluation after:" in res.stderr and "report:" in res.stdout

@@ -74,6 +74,20 @@ class Handles:
 
 
 @dataclass
+class PendingRollout:
+    """Rollouts launched and not yet collected: the prompts drawn, their requests, the
+    workers' result refs, and the policy version that generates them."""
+
+    items: list[tuple[str, Any]]
+    """(uid, sample) of each prompt."""
+    requests: list[RolloutRequest]
+    refs: list[Any]
+    """Ray object refs of the workers' results (`collect_rollouts` waits on them)."""
+    version: int
+    """Policy version the rollouts are generated with."""
+
+
+@dataclass
 class Run:
     """The driver's state; `checkpoint_state` / `restore_state` make it resumable."""
 
@@ -87,8 +101,8 @@ class Run:
     step: int = 0
     version: int = 0
     weights: WeightsRef | None = None
-    pending: tuple | None = None
-    """Async mode: (items, requests, result refs, version) of the next step's rollout."""
+    pending: PendingRollout | None = None
+    """Async mode: the next step's rollouts, launched during this step."""
     seen_uids: set = field(default_factory=set)
 
 
@@ -151,12 +165,13 @@ def score_all(run: Run, inputs: list) -> RewardOutput:
 # ------------------------------------------------------------------------- one step
 
 
-def sample_rollouts(run: Run) -> tuple:
+def sample_rollouts(run: Run) -> PendingRollout:
     """Draw the next P prompts and launch their rollouts (not waiting for them)."""
     cfg = run.cfg
     items = run.sampler.next(cfg.algo.prompts_per_step)
     requests = [make_request(uid, s, run.processor, cfg.trainer.seed, cfg.algo.group_size)[0] for uid, s in items]
-    return items, requests, launch_rollouts(run.handles.rollout, requests, cfg.sampling, run.weights), run.version
+    refs = launch_rollouts(run.handles.rollout, requests, cfg.sampling, run.weights)
+    return PendingRollout(items, requests, refs, run.version)
 
 
 def training_step(run: Run) -> dict[str, float]:
@@ -166,8 +181,8 @@ def training_step(run: Run) -> dict[str, float]:
     # 1-2. prompts -> rollouts (async: this step's rollouts were launched last step)
     with timer("generate"):
         pending = run.pending or sample_rollouts(run)
-        items, requests, refs, rollout_version = pending
-        results = collect_rollouts(refs, requests)
+        items, requests = pending.items, pending.requests
+        results = collect_rollouts(pending.refs, requests)
         run.pending = sample_rollouts(run) if cfg.algo.mode == "async" else None
     for uid, _ in items:
         if uid in run.seen_uids:
@@ -233,7 +248,7 @@ def training_step(run: Run) -> dict[str, float]:
         "response/length_mean": float(lengths.float().mean()),
         "response/length_max": float(lengths.max()),
         "rollout/logprob_mismatch": mismatch,
-        "rollout/staleness": float(run.version - 1 - rollout_version),
+        "rollout/staleness": float(run.version - 1 - pending.version),
         "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
         **{f"time/{k}": v for k, v in timer.seconds.items()},
         **rollout_worker_metrics(run.handles.rollout),
@@ -262,7 +277,17 @@ def evaluate(run: Run, tag: str) -> dict[str, Any]:
         records = caption_records(split, texts, [p.text for _, p in pairs])
         summary[f"k{k}"] = evaluate_split_metrics(records, out / f"captions_k{k}.json", run.data.candidates)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    log.info("evaluation %s: %s", tag, _eval_line(summary))
     return summary
+
+
+def _eval_line(summary: dict[str, Any]) -> str:
+    """One line per evaluation: F1 of each split (percent)."""
+    parts = []
+    for split, m in summary.items():
+        f1 = m.get("f1") if isinstance(m, dict) else None
+        parts.append(f"{split} F1 {100 * f1:.1f}" if isinstance(f1, (int, float)) else split)
+    return ", ".join(parts) or "no splits"
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -321,12 +346,18 @@ def recover_learners(run: Run) -> None:
 # ------------------------------------------------------------------------------ main
 
 
-def init_ray(cfg: ExperimentConfig) -> bool:
-    """Start a private local cluster or join one. Returns True if this call started Ray."""
+def init_ray(cfg: ExperimentConfig, log_file: Path | None = None) -> bool:
+    """Start a private local cluster or join one. Returns True if this call started Ray.
+    With `log_file` (a local cluster, not verbose), every Ray worker writes its output
+    (vLLM, DeepSpeed, the actors' own logs) to that file instead of the console."""
     if ray.is_initialized():
         return False
-    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "REPIC_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE") if k in os.environ}}
+    env: dict[str, Any] = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "REPIC_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE") if k in os.environ}}
     if cfg.cluster.address == "local":
+        if log_file is not None and not cfg.trainer.verbose:
+            from recipes.console import worker_setup_hook
+
+            env["worker_process_setup_hook"] = worker_setup_hook(log_file)
         need = (
             cfg.cluster.num_rollout_workers * cfg.cluster.rollout.num_cpus
             + cfg.cluster.num_reward_actors * cfg.cluster.reward.num_cpus
@@ -345,13 +376,10 @@ def init_ray(cfg: ExperimentConfig) -> bool:
 
 
 def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Fill derived fields: the rollout engine serves the learner's policy checkpoint."""
-    if not cfg.rollout.model:
-        cfg.rollout.model = resolve_checkpoint(cfg.learner.model)
-    if cfg.learner.lora.enabled != cfg.rollout.enable_lora and cfg.cluster.weight_sync == "lora":
-        raise ValueError("cluster.weight_sync=lora needs learner.lora.enabled and rollout.enable_lora")
-    if (cfg.algo.prompts_per_step * cfg.algo.group_size) % cfg.cluster.num_learners:
-        raise ValueError("prompts_per_step x group_size must split evenly over cluster.num_learners")
+    """Resolve the config (derived fields, cross-field rules; see `repic_ray.pipeline.resolve`)
+    and point the rollout engine at the learner's checkpoint directory."""
+    cfg = cfg.resolved()
+    cfg.rollout.model = resolve_checkpoint(cfg.learner.model)
     return cfg
 
 
@@ -385,6 +413,7 @@ def fit(run: Run) -> dict[str, Any]:
     evals: dict[str, Any] = {}
     if cfg.trainer.eval_before and run.step == 0 and run.data.eval_splits:
         evals["before"] = evaluate(run, "before")
+    log.info("training steps %d..%d (metrics: %s)", run.step + 1, cfg.trainer.steps, run.out / "metrics.jsonl")
     progress = _progress(cfg, run.step)
     while run.step < cfg.trainer.steps:
         try:
@@ -406,13 +435,13 @@ def fit(run: Run) -> dict[str, Any]:
     if progress is not None:
         progress.close()
     if run.pending is not None:  # async: drain the rollout launched for a step that will not run
-        ray.get(run.pending[2])
+        ray.get(run.pending.refs)
         run.pending = None
     if not checkpoint_dirs(run.out) or checkpoint_dirs(run.out)[-1].name != f"step_{run.step:06d}":
         save_checkpoint(run)
     if run.data.eval_splits:
         evals["after"] = evaluate(run, "after")
-    export_policy(run)
+    log.info("exported the policy to %s", export_policy(run))
     run.metrics.close()
     return evals
 
@@ -420,7 +449,7 @@ def fit(run: Run) -> dict[str, Any]:
 def export_policy(run: Run) -> Path:
     """The trained policy in loadable form: `final/model` (merged full weights, a plain
     HF checkpoint) and, with LoRA, `final/adapter` (peft format over the base model)."""
-    from repic_ray.pipeline.sft import save_hf_checkpoint
+    from repic_ray.checkpoints import save_hf_checkpoint
     from repic_ray.rollout.common import write_peft_adapter
 
     final = run.out / "final"
@@ -458,8 +487,16 @@ def shutdown(run: Run) -> None:
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Run a whole experiment: start (or join) Ray, train, evaluate, write the report."""
-    started = init_ray(cfg)
+    """Run a whole experiment: start (or join) Ray, train, evaluate, write the report.
+    The console shows the progress bar and `repic.*` messages; library logs go to
+    `{output_dir}/log.txt` (all of them on the console too with `trainer.verbose`)."""
+    from recipes.console import route_library_loggers, setup_logging
+
+    log_file = Path(cfg.output_dir) / "log.txt"
+    setup_logging(log_file, cfg.trainer.verbose)
+    log.info("starting Ray and the actors (library logs: %s)", log_file)
+    started = init_ray(cfg, log_file)
+    route_library_loggers()  # Ray set up its loggers while starting
     try:
         run = start_run(cfg)
         try:

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from repic_ray.checkpoints import save_hf_checkpoint
 from repic_ray.data.formats import TrainSample, load_samples
 from repic_ray.learner.batch import SFTBatch
 from repic_ray.learner.config import LearnerConfig
-from repic_ray.models.loading import load_policy, load_processor, resolve_checkpoint
+from repic_ray.models.loading import load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
 from repic_ray.pipeline.sampler import PromptSampler
 from repic_ray.ports import free_port
@@ -60,25 +61,6 @@ def make_sft_batch(items: list[TrainSample], processor: Any, rng: random.Random,
         targets.append(ids)
         weights.append(sorted(set(ids) & upweight))
     return SFTBatch(prompts, images, targets, upweight_token_ids=weights if upweight else None)
-
-
-def save_hf_checkpoint(state_dict: dict, base: str, out: Path) -> Path:
-    """Write merged policy weights (a learner's `export_full()`) as a plain HF checkpoint
-    directory, with the processor and tokenizer of `base`."""
-    out = Path(out)
-    model = load_policy(base)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if unexpected or [m for m in missing if "lora" not in m]:
-        raise RuntimeError(f"export does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    load_processor(base).save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def run_sft(cfg: ExperimentConfig, data_sft: Path | None = None) -> Path:

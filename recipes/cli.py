@@ -6,6 +6,7 @@
     repic eval  --checkpoint DIR [--adapter DIR] --data WORLD_DIR [--retrieval skip|topk]
     repic serve --checkpoint DIR [--config deploy/serve.yaml]
     repic world --out DIR [--seed N]
+    repic config show --config FILE [--dotted.key VALUE ...]
 
 `train` runs the SFT stage first when `sft.steps > 0`, then RL from its checkpoint.
 """
@@ -27,23 +28,31 @@ def _experiment(argv: list[str], prog: str):
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are used without one")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--verbose", action="store_true",
+                        help="library logs (vLLM, Ray, DeepSpeed) on the console too, not only in the run's log.txt")
     args, overrides = parser.parse_known_args(argv)
     if args.address:
         overrides += ["--cluster.address", args.address]
     if args.resume:
         overrides += ["--trainer.resume", "true"]
+    if args.verbose:
+        overrides += ["--trainer.verbose", "true"]
     return load_config(ExperimentConfig, args.config, overrides)
 
 
 def cmd_train(argv: list[str]) -> int:
     cfg = _experiment(argv, "repic train")
+    from pathlib import Path
+
+    from recipes.console import setup_logging
+
+    setup_logging(Path(cfg.output_dir) / "log.txt", cfg.trainer.verbose)  # before DeepSpeed's import chatter
     if cfg.sft.steps > 0:
-        from repic_ray.pipeline.sft import run_sft
+        from recipes.sft import run_sft
 
         sft_dir = run_sft(cfg)
-        cfg.learner.model = str(sft_dir)
-        cfg.rollout.model = ""
-    from actors.driver import train
+        cfg.learner.model = cfg.rollout.model = str(sft_dir)
+    from recipes.train import train
 
     evals = train(cfg)
     print(json.dumps(evals, indent=2))
@@ -52,7 +61,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_sft(argv: list[str]) -> int:
-    from repic_ray.pipeline.sft import run_sft
+    from recipes.sft import run_sft
 
     cfg = _experiment(argv, "repic sft")
     if cfg.sft.steps < 1:
@@ -62,7 +71,7 @@ def cmd_sft(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from repic_ray.evaluation.cli import main
+    from recipes.eval import main
 
     return main(argv) or 0
 
@@ -80,7 +89,18 @@ def cmd_world(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "serve": cmd_serve, "world": cmd_world}
+def cmd_config(argv: list[str]) -> int:
+    """`repic config show`: the resolved experiment config (derived fields filled) as YAML."""
+    from repic_ray.config import dump_yaml
+
+    if not argv or argv[0] != "show":
+        print("usage: repic config show --config FILE [--dotted.key VALUE ...]", file=sys.stderr)
+        return 2
+    print(dump_yaml(_experiment(argv[1:], "repic config show")), end="")
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "serve": cmd_serve, "world": cmd_world}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import math
 import pytest
 import ray
 
-from actors import driver
+from recipes import train
 from repic_ray.config import load_config
 from repic_ray.pipeline.config import ExperimentConfig
 
@@ -49,9 +49,9 @@ def tiny_cfg(tmp_path, **over) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_local):
     cfg = tiny_cfg(tmp_path_factory.mktemp("driver"))
-    r = driver.start_run(cfg)
+    r = train.start_run(cfg)
     yield r
-    driver.shutdown(r)
+    train.shutdown(r)
 
 
 def same(a: dict, b: dict) -> None:
@@ -61,9 +61,9 @@ def same(a: dict, b: dict) -> None:
 
 
 def test_step_metrics_and_versions(run):
-    metrics = driver.training_step(run)
+    metrics = train.training_step(run)
     run.metrics.write(metrics)
-    driver.save_checkpoint(run)
+    train.save_checkpoint(run)
     assert metrics["step"] == 1 and run.version == 1
     for key in ("reward/total_mean", "reward/name_mean", "train/kl", "train/clip_frac", "train/entropy",
                 "response/length_mean", "rollout/logprob_mismatch", "time/generate", "time/reward",
@@ -80,25 +80,25 @@ def test_step_metrics_and_versions(run):
 
 
 def test_resumed_step_equals_uninterrupted(run):
-    step2 = driver.training_step(run)
+    step2 = train.training_step(run)
     run.metrics.write(step2)
-    driver.save_checkpoint(run)
+    train.save_checkpoint(run)
     # back to the end of step 1, as `repic train --resume` does, and redo step 2
-    driver.restore_checkpoint(run, run.out / "checkpoints" / "step_000001")
+    train.restore_checkpoint(run, run.out / "checkpoints" / "step_000001")
     assert run.step == 1 and run.version == 1
-    again = driver.training_step(run)
+    again = train.training_step(run)
     run.metrics.write(again)
     assert again["step"] == 2
     same(step2, again)
     assert [json.loads(x)["step"] for x in (run.out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    driver.save_checkpoint(run)
+    train.save_checkpoint(run)
 
 
 def test_killed_rollout_worker_is_restarted_and_its_work_redone(run):
     before = ray.get(run.handles.rollout[0].pid.remote())
-    run.pending = driver.sample_rollouts(run)  # the step's rollouts are in flight...
+    run.pending = train.sample_rollouts(run)  # the step's rollouts are in flight...
     ray.kill(run.handles.rollout[0], no_restart=False)  # ...when a worker dies
-    metrics = driver.training_step(run)  # collect_rollouts raises on any lost/duplicate sample
+    metrics = train.training_step(run)  # collect_rollouts raises on any lost/duplicate sample
     run.metrics.write(metrics)
     after = ray.get(run.handles.rollout[0].pid.remote())
     assert after != before
@@ -112,22 +112,22 @@ def test_killed_rollout_worker_is_restarted_and_its_work_redone(run):
 def test_killed_reward_actor_is_restarted(run):
     before = ray.get(run.handles.rewards[0].pid.remote())
     ray.kill(run.handles.rewards[0], no_restart=False)
-    metrics = driver.training_step(run)
+    metrics = train.training_step(run)
     run.metrics.write(metrics)
     assert ray.get(run.handles.rewards[0].pid.remote()) != before
     assert metrics["step"] == 4
 
 
 def test_killed_learner_resumes_from_last_checkpoint(run):
-    driver.save_checkpoint(run)  # step 4
-    step5 = driver.training_step(run)
+    train.save_checkpoint(run)  # step 4
+    step5 = train.training_step(run)
     run.metrics.write(step5)
     ray.kill(run.handles.learners.actors[0])  # no restart: the group must be rebuilt
     run.cfg.trainer.steps = 6
     run.cfg.trainer.eval_before = False
     run.cfg.trainer.checkpoint_every = 0
     run.data.eval_splits = {}
-    driver.fit(run)  # step 6 hits the dead learner: rebuild, restore step 4, redo steps 5 and 6
+    train.fit(run)  # step 6 hits the dead learner: rebuild, restore step 4, redo steps 5 and 6
     rows = [json.loads(x) for x in (run.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     same(step5, rows[4])
@@ -140,20 +140,20 @@ def test_killed_learner_resumes_from_last_checkpoint(run):
 
 def test_async_mode_overlaps_generation_with_the_update(run):
     run.cfg.algo.mode = "async"
-    first = driver.training_step(run)  # launches its own rollouts, then the next step's
-    assert run.pending is not None and run.pending[3] == run.version - 1
-    second = driver.training_step(run)  # trains on rollouts from one version back
+    first = train.training_step(run)  # launches its own rollouts, then the next step's
+    assert run.pending is not None and run.pending.version == run.version - 1
+    second = train.training_step(run)  # trains on rollouts from one version back
     assert first["rollout/staleness"] == 0 and second["rollout/staleness"] == 1
-    ray.get(run.pending[2])  # drain the rollouts of a step that will not run
+    ray.get(run.pending.refs)  # drain the rollouts of a step that will not run
     run.pending = None
     run.cfg.algo.mode = "sync"
 
 
 def test_full_weight_sync_reaches_every_worker(run):
     run.cfg.cluster.weight_sync = "full"
-    driver.training_step(run)
+    train.training_step(run)
     assert run.weights.kind == "full"
     assert ray.get([w.sync.remote(run.weights) for w in run.handles.rollout]) == [run.version] * 2
-    metrics = driver.training_step(run)  # rollouts from merged full weights, learner on LoRA
+    metrics = train.training_step(run)  # rollouts from merged full weights, learner on LoRA
     assert metrics["rollout/logprob_mismatch"] < 1e-3
     assert metrics["rollout/samples"] == run.cfg.algo.prompts_per_step * run.cfg.algo.group_size

@@ -1,10 +1,10 @@
-"""Tests for repic_ray/evaluation/cli.py: `repic eval` output on hand-built result files."""
+"""Tests for recipes/eval.py: `repic eval` output on hand-built result files."""
 
 import json
 
 import pytest
 
-from repic_ray.evaluation.cli import main
+from recipes.eval import main
 
 # Same records as test_eval_metric.MIXED, as a RePIC result file.
 RECORDS = [

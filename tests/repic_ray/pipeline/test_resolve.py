@@ -1,0 +1,119 @@
+"""`resolve`: derived fields follow their source, and each cross-section rule fails at load
+time with a message naming both fields. One test per rule."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recipes.cli import main as repic_main
+from repic_ray.config import ConfigError, dump_yaml, load_config
+from repic_ray.pipeline.config import ExperimentConfig
+from repic_ray.pipeline.resolve import resolve
+
+ROOT = Path(__file__).resolve().parents[3]
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
+
+
+def load(*overrides: str) -> ExperimentConfig:
+    return load_config(ExperimentConfig, TINY, list(overrides))
+
+
+def test_samples_per_prompt_follow_group_size():
+    assert load("--algo.group_size", "4").sampling.n == 4
+    assert load("--algo.group_size", "4", "--sampling.n", "4").sampling.n == 4  # same value: fine
+    with pytest.raises(ConfigError, match=r"sampling\.n \(6\).*algo\.group_size \(4\)"):
+        load("--algo.group_size", "4", "--sampling.n", "6")
+
+
+def test_loss_temperature_and_vision_block_follow_sampling():
+    cfg = load("--sampling.temperature", "0.7", "--sampling.block_vision_tokens", "false")
+    assert cfg.learner.loss.temperature == 0.7
+    assert cfg.learner.loss.block_vision_tokens is False
+    with pytest.raises(ConfigError, match=r"learner\.loss\.temperature.*sampling\.temperature"):
+        load("--learner.loss.temperature", "0.5")
+    with pytest.raises(ConfigError, match=r"learner\.loss\.block_vision_tokens.*sampling\.block_vision_tokens"):
+        load("--learner.loss.block_vision_tokens", "false")
+
+
+def test_one_seed_seeds_every_component():
+    cfg = load("--trainer.seed", "7")
+    assert (cfg.sampling.seed, cfg.rollout.seed, cfg.learner.seed) == (7, 7, 7)
+    with pytest.raises(ConfigError, match=r"learner\.seed \(3\).*trainer\.seed \(7\)"):
+        load("--trainer.seed", "7", "--learner.seed", "3")
+
+
+def test_rollout_serves_the_learners_model():
+    assert load("--learner.model", "tiny:qwen2.5-vl").rollout.model == "tiny:qwen2.5-vl"
+    with pytest.raises(ConfigError, match=r"rollout\.model.*learner\.model"):
+        load("--rollout.model", "other/model")
+
+
+def test_lora_rank_must_fit_the_rollout_engine():
+    with pytest.raises(ConfigError, match=r"learner\.lora\.r \(32\).*rollout\.max_lora_rank \(16\)"):
+        load("--learner.lora.r", "32")
+    assert load("--learner.lora.r", "32", "--rollout.max_lora_rank", "32").learner.lora.r == 32
+
+
+def test_engine_must_take_the_worlds_largest_prompt():
+    with pytest.raises(ConfigError, match=r"rollout\.limit_images_per_prompt \(5\).*8 images.*data\.world\.max_concepts_per_image"):
+        load("--rollout.limit_images_per_prompt", "5")
+    # fewer concepts per image and fewer absent references: 3 + 1 + the query fit in 5
+    cfg = load("--rollout.limit_images_per_prompt", "5", "--data.world.max_concepts_per_image", "3",
+               "--data.world.max_absent_refs", "1")
+    assert cfg.rollout.limit_images_per_prompt == 5
+
+
+def test_completion_budget_must_leave_room_for_the_prompt():
+    with pytest.raises(ConfigError, match=r"sampling\.max_tokens \(1024\).*rollout\.max_model_len \(1024\)"):
+        load("--sampling.max_tokens", "1024")
+    with pytest.raises(ConfigError, match=r"eval_sampling\.max_tokens.*rollout\.max_model_len"):
+        load("--eval_sampling.max_tokens", "2000")
+
+
+def test_kl_in_reward_is_rejected_where_it_would_be_ignored():
+    with pytest.raises(ConfigError, match=r"algo\.kl_in_reward.*algo\.estimator='grpo'"):
+        load("--algo.kl_in_reward", "true", "--algo.kl_reward_beta", "0.01")
+    cfg = load("--algo.estimator", "reinforce_pp", "--algo.kl_in_reward", "true", "--algo.kl_reward_beta", "0.01")
+    assert cfg.algo.kl_in_reward
+    with pytest.raises(ConfigError, match=r"algo\.kl_in_reward.*algo\.kl_reward_beta"):
+        load("--algo.estimator", "reinforce_pp", "--algo.kl_in_reward", "true")
+    with pytest.raises(ConfigError, match=r"algo\.kl_reward_beta.*algo\.kl_in_reward"):
+        load("--algo.kl_reward_beta", "0.01")
+
+
+def test_lora_weight_sync_needs_lora_on_both_sides():
+    with pytest.raises(ConfigError, match=r"cluster\.weight_sync=lora.*learner\.lora\.enabled.*rollout\.enable_lora"):
+        load("--learner.lora.enabled", "false")
+    assert load("--learner.lora.enabled", "false", "--cluster.weight_sync", "full").cluster.weight_sync == "full"
+
+
+def test_step_batch_must_split_over_learners():
+    with pytest.raises(ConfigError, match=r"algo\.prompts_per_step x algo\.group_size \(64\).*cluster\.num_learners \(3\)"):
+        load("--cluster.num_learners", "3")
+
+
+def test_greedy_training_sampling_is_rejected():
+    with pytest.raises(ConfigError, match=r"sampling\.temperature.*algo\.group_size"):
+        load("--sampling.temperature", "0")
+
+
+def test_resolve_is_pure_and_its_output_reloads_unchanged(tmp_path):
+    cfg = load("--algo.group_size", "4")
+    raw = ExperimentConfig()
+    raw.algo.group_size = 3
+    out = resolve(raw)
+    assert raw.sampling.n == 8 and out.sampling.n == 3  # the input is not modified
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_yaml(cfg))  # every derived field written out, with its derived value
+    assert load_config(ExperimentConfig, dumped) == cfg
+
+
+def test_config_show_prints_the_resolved_yaml(capsys):
+    assert repic_main(["config", "show", "--config", str(TINY), "--algo.group_size", "4",
+                       "--trainer.seed", "5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["sampling"]["n"] == 4 and shown["learner"]["seed"] == 5 and shown["rollout"]["seed"] == 5
+    assert shown["rollout"]["model"] == shown["learner"]["model"] == "checkpoints/tiny-sft"
+    assert repic_main(["config", "show", "--config", str(TINY), "--sampling.n", "3"]) == 2
+    assert "sampling.n (3) is derived from algo.group_size (8)" in capsys.readouterr().err

@@ -82,13 +82,49 @@ def render_profile(r: dict) -> str:
     return markdown_table(["part", "seconds median (min-max)"], rows)
 
 
+def render_weight_sync(r: dict) -> str:
+    rows = [[k, r[k]["payload_bytes"] / 1e6, r[k]["export_publish_seconds"], r[k]["worker_load_seconds"],
+             r[k]["sync_seconds"], r[k]["step_seconds"], f"{100 * r[k]['sync_fraction_of_step']:.1f}%"]
+            for k in ("lora", "full") if k in r]
+    return markdown_table(["weights sent", "MB", "export + publish s", "worker load s", "sync s", "step s",
+                           "sync / step"], rows)
+
+
+def render_async(r: dict) -> str:
+    rows = []
+    for mode in ("sync", "async"):
+        m = r[mode]
+        ph = m["phase_seconds_per_step"]
+        times = spread_of(m.get("step_seconds"))
+        rows.append([mode, m["seconds"], times, m["samples_per_s"], ph.get("generate", 0.0), ph.get("train", 0.0),
+                     m["staleness_mean"]])
+    table = markdown_table(["mode", "wall s", "s/step median (min-max)", "samples/s", "waiting for rollouts s/step",
+                            "train s/step", "staleness"], rows)
+    return table + f"\n\nSync / async wall time: **{r['speedup_wall']:.2f}x**."
+
+
+def render_scaling(r: dict) -> str:
+    rows = [[x["workers"], x["samples_per_s"], x["tokens_per_s"], x["speedup_vs_first"], x["efficiency"],
+             x["startup_seconds"]] for x in r["rows"]]
+    return markdown_table(["workers", "samples/s", "tokens/s", "speed-up vs first", "efficiency", "start s"], rows)
+
+
+def spread_of(values) -> str:
+    if not values or not isinstance(values, list):
+        return "-"
+    ordered = sorted(values)
+    mid = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    return f"{mid:.3g} ({ordered[0]:.3g}-{ordered[-1]:.3g})"
+
+
 def render_generic(r: dict) -> str:
     rows = [[k, json.dumps(v)[:120]] for k, v in r.items() if k not in ("machine", "command", "rounds", "calls")]
     return markdown_table(["field", "value"], rows)
 
 
 RENDERERS = {"rl_step": render_rl_step, "rollout": render_rollout, "serving": render_serving,
-             "profile_step": render_profile}
+             "profile_step": render_profile, "weight_sync": render_weight_sync, "async": render_async,
+             "scaling": render_scaling}
 
 
 def render(name: str, results_dir: Path) -> str:

@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export REPIC_CACHE ?= $(CURDIR)/.cache/repic
 
-.PHONY: install install-gpu system-deps demo test test-fast lint
+.PHONY: install install-gpu system-deps demo test test-fast lint bench
 
 install: $(STAMP)
 
@@ -49,3 +49,16 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check repic_ray actors recipes deploy tests bench
+
+# Every table of BENCHMARKS.md from the committed scripts (about 45 minutes on 2 idle cores):
+# each writes its JSON under bench/results/, then bench/report.py rewrites the tables.
+BENCH := $(PY) bench
+bench: install
+	$(BENCH)/bench_rollout.py --prompts 16 --n 8 --max-tokens 96 --iters 5 --out bench/results/rollout.json
+	$(BENCH)/bench_rl_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --rounds 2 --out bench/results/rl_step.json
+	$(BENCH)/profile_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --repeats 5 --out bench/results/profile_step.json
+	$(BENCH)/bench_weight_sync.py --prompts 8 --group 8 --max-tokens 96 --steps 5 --out bench/results/weight_sync.json
+	$(BENCH)/bench_async.py --prompts 8 --group 8 --max-tokens 96 --steps 10 --out bench/results/async.json
+	$(BENCH)/bench_scaling.py --workers 1,2 --prompts 16 --n 8 --max-tokens 96 --iters 3 --out bench/results/scaling.json
+	$(BENCH)/bench_serving.py --checkpoint checkpoints/tiny-sft --concurrency 8 --requests 200 --rounds 3 --out bench/results/serving.json
+	$(BENCH)/report.py

@@ -11,7 +11,7 @@ The overlap needs somewhere to run: rollout workers and learners on separate dev
 cores). On a machine with fewer cores than busy actors they take turns and the gain
 shrinks or vanishes.
 
-    python bench/bench_async.py --steps 4 --prompts 8 --group 8 --out bench/results/async.json
+    python bench/bench_async.py --steps 10 --prompts 8 --group 8 --out bench/results/async.json
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from bench.common import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = pipeline_parser(__doc__, steps=4).parse_args(argv)
+    args = pipeline_parser(__doc__, steps=10).parse_args(argv)
     setup_env()
     common = step_overrides(args)
     cfgs = {m: bench_config(args, [*common, "--algo.mode", m, "--trainer.output_dir",

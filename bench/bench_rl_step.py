@@ -4,10 +4,14 @@ Ours: `recipes.train` (vLLM rollout worker, reward actor, DeepSpeed learner as R
 `training_step` timed wall clock, per phase as well. TRL: `bench/trl_grpo.py` (same
 LoRA, beta, clip, group size, per-sequence loss aggregation, learning rate, prompts and
 name reward; generation with transformers). Both train P prompts x G generations per step;
-`--warmup` steps are excluded, then `--steps` are timed. The two run one after the other
-(Ray is shut down before TRL starts), never competing for the CPU.
+`--warmup` steps are excluded, then `--steps` are timed, in `--rounds` rounds that
+alternate the systems (ours, TRL, ours, TRL, ...). The two run one after the other (Ray is
+shut down before TRL starts), never competing for the CPU. TRL trains on the prompts our
+sampler draws, in the same order, with gradient checkpointing as our learner has it.
+Reported: min / median / max seconds per step over all timed steps, and the median over
+rounds of the per-round speed ratio.
 
-    python bench/bench_rl_step.py --prompts 8 --group 8 --steps 3 --max-tokens 96 --out bench/results/rl_step.json
+    python bench/bench_rl_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --rounds 2 --out bench/results/rl_step.json
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from bench.common import (
     ray_session,
     run_pipeline,
     setup_env,
+    spread,
     step_overrides,
 )
 
@@ -39,47 +44,83 @@ def run_ours(cfg, steps: int, warmup: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = pipeline_parser(__doc__)
+    p = pipeline_parser(__doc__, steps=5)
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (RePIC: 0.04)")
     p.add_argument("--systems", default="ours,trl", help="comma-separated subset of ours,trl")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of (ours, then TRL), alternating A B A B; each round starts both "
+                        "systems afresh, takes --warmup untimed and --steps timed steps")
+    p.add_argument("--trl-threads", type=int, default=None,
+                   help="torch threads of the TRL process (default: all cores)")
     args = p.parse_args(argv)
     setup_env()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or set(systems) - {"ours", "trl"}:
         raise SystemExit(f"--systems: expected a subset of ours,trl, got {args.systems!r}")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
     cfg = bench_config(args, [
         *step_overrides(args), "--learner.loss.kl_beta", str(args.beta),
         "--trainer.output_dir", str(Path("/tmp") / f"bench-rl-step-{__import__('os').getpid()}"),
         "--reward.verifiable_weight", "0", "--reward.name_weight", "1",
     ], name="bench_rl_step")
 
-    results: dict = {}
-    if "ours" in systems:
-        results["ours"] = run_ours(cfg, args.steps, args.warmup)
-        print("ours:", json.dumps(results["ours"]), flush=True)  # kept should the TRL run fail
-    if "trl" in systems:
-        from bench.trl_grpo import run_trl
-        from repic_ray.pipeline.episodes import load_run_data
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        this: dict = {}
+        if "ours" in systems:
+            this["ours"] = run_ours(cfg, args.steps, args.warmup)
+            print(f"round {r} ours:", json.dumps(this["ours"]), flush=True)  # kept should TRL fail
+        if "trl" in systems:
+            from bench.trl_grpo import run_trl, sampler_order
+            from repic_ray.pipeline.episodes import load_run_data
 
-        data = load_run_data(cfg.data)
-        need = (args.warmup + args.steps) * args.prompts
-        if len(data.train) < need:
-            raise SystemExit(f"the world has {len(data.train)} training samples, TRL needs {need}")
-        results["trl"] = run_trl(cfg, data.train[:need], data.categories, args.steps, args.warmup)
+            data = load_run_data(cfg.data)
+            # The prompts our driver draws in the same steps, in the same order.
+            samples = sampler_order(data.train, cfg.trainer.seed, args.prompts, args.warmup + args.steps)
+            this["trl"] = run_trl(cfg, samples, data.categories, args.steps, args.warmup,
+                                  threads=args.trl_threads)
+            print(f"round {r} trl:", json.dumps(this["trl"]), flush=True)
+        rounds.append(this)
 
-    setup = {"model": cfg.rollout.model, "prompts_per_step": args.prompts, "group_size": args.group,
+    results: dict = {"rounds": rounds}
+    P, G = args.prompts, args.group
+    for name in systems:
+        per_step = [t for rnd in rounds for t in rnd[name]["step_seconds"]]
+        results[name] = {
+            "step_seconds": spread(per_step),
+            "samples_per_s_median": P * G / spread(per_step)["median"],
+            "completion_tokens_mean": sum(rnd[name]["completion_tokens_mean"] for rnd in rounds) / len(rounds),
+            "reward_mean": sum(rnd[name]["reward_mean"] for rnd in rounds) / len(rounds),
+            "phase_seconds_per_step": {
+                k: sum(rnd[name]["phase_seconds_per_step"][k] for rnd in rounds) / len(rounds)
+                for k in rounds[0][name]["phase_seconds_per_step"]},
+        }
+    setup = {"model": cfg.rollout.model, "prompts_per_step": P, "group_size": G,
              "max_tokens": args.max_tokens, "beta": args.beta, "lora_r": cfg.learner.lora.r,
              "lr": cfg.learner.lr, "micro_batch_size": cfg.learner.micro_batch_size,
-             "loss_agg": cfg.learner.loss.loss_agg, "steps": args.steps, "warmup": args.warmup}
-    rows = [[name, r["seconds_per_step"], r["samples_per_s"], r["completion_tokens_mean"], r["reward_mean"]]
-            for name, r in results.items()]
-    table = markdown_table(["system", "s/step", "samples/s", "tokens/sample", "reward mean"], rows)
-    if "ours" in results:
-        phases = results["ours"]["phase_seconds_per_step"]
-        table += "\n\nours, s/step per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+             "gradient_checkpointing": cfg.learner.gradient_checkpointing,
+             "loss_agg": cfg.learner.loss.loss_agg, "steps": args.steps, "warmup": args.warmup,
+             "rounds": args.rounds, "threads": {
+                 "ours": "1 torch thread per Ray actor (rollout worker, reward actor, learner); "
+                         "the vLLM engine is bound to its worker's core",
+                 "trl": rounds[0]["trl"]["torch_threads"] if "trl" in systems else None}}
+    rows = [[name, r["step_seconds"]["min"], r["step_seconds"]["median"], r["step_seconds"]["max"],
+             r["samples_per_s_median"], r["completion_tokens_mean"], r["reward_mean"]]
+            for name, r in results.items() if name != "rounds"]
+    table = markdown_table(["system", "s/step min", "median", "max", "samples/s (median step)",
+                            "tokens/sample", "reward mean"], rows)
+    for name in systems:
+        phases = results[name]["phase_seconds_per_step"]
+        table += f"\n\n{name}, s/step per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
     if "ours" in results and "trl" in results:
-        results["speedup_samples_per_s"] = results["ours"]["samples_per_s"] / results["trl"]["samples_per_s"]
-        table += f"\n\nours / TRL: {results['speedup_samples_per_s']:.2f}x samples/s"
+        # Per round: TRL's median step / ours (per-sample speed, same P x G); then the median.
+        ratios = [spread(rnd["trl"]["step_seconds"])["median"] / spread(rnd["ours"]["step_seconds"])["median"]
+                  for rnd in rounds]
+        results["speedup_per_round"] = ratios
+        results["speedup_samples_per_s"] = spread(ratios)["median"]
+        table += (f"\n\nours / TRL, samples/s: median over rounds {results['speedup_samples_per_s']:.2f}x "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
     finish({"setup": setup, **results}, table, args.out)
     return 0
 

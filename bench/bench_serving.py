@@ -1,25 +1,28 @@
-"""Serve + vLLM versus a plain FastAPI server calling HF `generate`, same model.
+"""Serve + vLLM versus a FastAPI server with a dynamically batching HF `generate`, same model.
 
-Both run the same API (`repic_ray.serving.api.build_app`), store, retriever and
-prompt; they differ only in serving: the baseline is one uvicorn process whose
-captioner runs transformers `generate` one request at a time, the Serve app sends
-captions to a vLLM async engine that batches concurrent requests. Each is loaded
-with `bench/loadtest.py` at the same concurrency, one after the other (the two
-never compete for the CPU), on loopback.
+Both run the same API (`repic_ray.serving.api.build_app`), store, retriever and prompt;
+they differ only in serving. The baseline (`bench/hf_batched_server.py`) is one uvicorn
+process of its own whose captioner groups concurrent requests into batched transformers
+`generate` calls (what a user without Serve/vLLM would deploy); the Serve app sends
+captions to a vLLM async engine that batches continuously. Both servers are started,
+warmed up, then loaded with `bench/loadtest.py` in `--rounds` rounds that alternate the
+systems (Serve, baseline, Serve, baseline, ...), never at the same time, on loopback.
+Reported per system: throughput and p50 / p99 latency per round (min / median / max over
+rounds), completion tokens per request (the returned captions, tokenized) and errors.
 
-    python bench/bench_serving.py --checkpoint tiny:qwen2.5-vl --concurrency 8 --requests 48
+    python bench/bench_serving.py --checkpoint checkpoints/tiny-sft --concurrency 8 --requests 200 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
 import os
 import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import finish, markdown_table, setup_env, spread
 from bench.loadtest import register, run_load
 from repic_ray.config import from_dict
 from repic_ray.serving.config import ServeConfig
@@ -48,9 +52,11 @@ def _user_key(root: Path) -> dict:
     return {"X-API-Key": key}
 
 
-def _wait(url: str, timeout: float = 600) -> None:
+def _wait(url: str, timeout: float = 600, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the baseline server exited with {proc.returncode}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
@@ -61,39 +67,44 @@ def _wait(url: str, timeout: float = 600) -> None:
 
 
 def _load(url: str, headers: dict, args: argparse.Namespace) -> dict:
-    register(url, headers, ["Bo"])
-    # One warm-up request, then the measured run.
-    asyncio.run(run_load(url, headers, concurrency=1, requests=1, concepts=["Bo"]))
     result = asyncio.run(run_load(url, headers, concurrency=args.concurrency,
                                   requests=args.requests, concepts=["Bo"]))
     return asdict(result)
 
 
-def bench_plain(cfg: ServeConfig, args: argparse.Namespace) -> dict:
-    import uvicorn
+def _warm(url: str, headers: dict, args: argparse.Namespace) -> None:
+    register(url, headers, ["Bo"])
+    asyncio.run(run_load(url, headers, concurrency=args.concurrency, requests=args.concurrency,
+                         concepts=["Bo"]))
 
-    from repic_ray.serving.api import LocalBackend, build_app
-    from repic_ray.serving.captioner import HFCaptioner
-    from repic_ray.serving.retriever import ConceptRetriever
 
+@contextlib.contextmanager
+def plain_server(args: argparse.Namespace):
+    """The batched HF baseline in its own process: yields (url, headers, process)."""
     root = Path(tempfile.mkdtemp(prefix="bench-plain-"))
-    store = ConceptStore(StoreConfig(root=str(root)))
-    backend = LocalBackend(ConceptRetriever(cfg.retriever), HFCaptioner(cfg.captioner))
+    headers = _user_key(root)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(store, backend, cfg.api), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    cmd = [sys.executable, str(Path(__file__).with_name("hf_batched_server.py")), "--checkpoint",
+           args.checkpoint, "--root", str(root), "--port", str(port), "--max-new-tokens",
+           str(args.max_new_tokens), "--max-batch", str(args.concurrency)]
+    if args.baseline_threads:
+        cmd += ["--threads", str(args.baseline_threads)]
+    proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url)
-        return _load(url, _user_key(root), args)
+        _wait(url, proc=proc)
+        yield url, headers
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
-def bench_serve(cfg: ServeConfig, args: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def serve_server(cfg: ServeConfig):
+    """The Ray Serve app on a private local Ray cluster: yields (url, headers)."""
     import ray
     from ray import serve
 
@@ -101,6 +112,7 @@ def bench_serve(cfg: ServeConfig, args: argparse.Namespace) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     cfg.store = StoreConfig(root=str(root))
+    headers = _user_key(root)
     port = _free_port()
     ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count())
     try:
@@ -108,34 +120,80 @@ def bench_serve(cfg: ServeConfig, args: argparse.Namespace) -> dict:
         serve.run(application(cfg), name="repic", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         _wait(url)
-        return _load(url, _user_key(root), args)
+        yield url, headers
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
+def summarize(rounds: list[dict], tokenizer) -> dict:
+    """Per-system spread over rounds, and completion tokens per request."""
+    tokens = [len(tokenizer(c)["input_ids"]) for r in rounds for c in r["captions"]]
+    return {
+        "throughput_rps": spread([r["throughput_rps"] for r in rounds]),
+        "p50_s": spread([r["p50_s"] for r in rounds]),
+        "p99_s": spread([r["p99_s"] for r in rounds]),
+        "errors": sum(r["errors"] for r in rounds),
+        "requests": sum(r["requests"] for r in rounds),
+        "completion_tokens_per_request": sum(tokens) / max(len(tokens), 1),
+        "first_error": next((r["first_error"] for r in rounds if r["first_error"]), ""),
+        "sample_captions": [r["captions"][0] for r in rounds if r["captions"]][:3],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="tiny:qwen2.5-vl")
+    p.add_argument("--checkpoint", default="checkpoints/tiny-sft")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--requests", type=int, default=200, help="requests per round and system")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--baseline-threads", type=int, default=None,
+                   help="torch threads of the baseline process (default: all cores)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.rounds < 1 or args.requests < 1:
+        raise SystemExit("--rounds and --requests must be >= 1")
+    setup_env()
     cfg = from_dict(ServeConfig, {
         "captioner": {"checkpoint": args.checkpoint, "max_new_tokens": args.max_new_tokens,
                       "max_model_len": 2048},
         "retriever": {"box_threshold": 0.0},
     })
-    results = {"plain_fastapi_hf_generate": bench_plain(cfg, args),
-               "ray_serve_vllm": bench_serve(cfg, args)}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 1 if any(r["errors"] for r in results.values()) else 0
+    from repic_ray.models.loading import load_processor, resolve_checkpoint
+
+    tokenizer = load_processor(resolve_checkpoint(args.checkpoint)).tokenizer
+    rounds: dict[str, list[dict]] = {"ray_serve_vllm": [], "fastapi_hf_batched": []}
+    with serve_server(cfg) as (serve_url, serve_headers), plain_server(args) as (plain_url, plain_headers):
+        _warm(serve_url, serve_headers, args)
+        _warm(plain_url, plain_headers, args)
+        for _ in range(args.rounds):
+            rounds["ray_serve_vllm"].append(_load(serve_url, serve_headers, args))
+            rounds["fastapi_hf_batched"].append(_load(plain_url, plain_headers, args))
+        batches = httpx.get(f"{plain_url}/bench/batches", timeout=10).json()
+    results: dict = {name: summarize(r, tokenizer) for name, r in rounds.items()}
+    results["fastapi_hf_batched"]["batching"] = batches
+    for r in rounds.values():
+        for one in r:
+            del one["captions"]
+    results["rounds"] = rounds
+    serve_r, plain_r = rounds["ray_serve_vllm"], rounds["fastapi_hf_batched"]
+    results["throughput_ratio_median"] = spread(
+        [a["throughput_rps"] / b["throughput_rps"] for a, b in zip(serve_r, plain_r)])["median"]
+    results["p99_ratio_median"] = spread([a["p99_s"] / b["p99_s"] for a, b in zip(serve_r, plain_r)])["median"]
+    setup = {"checkpoint": args.checkpoint, "concurrency": args.concurrency, "requests": args.requests,
+             "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
+             "baseline_threads": batches["threads"], "baseline_max_batch": args.concurrency}
+    rows = [[name, r["throughput_rps"]["median"], r["p50_s"]["median"], r["p99_s"]["median"],
+             r["p99_s"]["max"], r["completion_tokens_per_request"], r["errors"]]
+            for name, r in results.items() if name in rounds]
+    table = markdown_table(["system", "req/s (median)", "p50 s", "p99 s (median)", "p99 s (max)",
+                            "tokens/request", "errors"], rows)
+    table += (f"\n\nServe / baseline: {results['throughput_ratio_median']:.2f}x throughput, "
+              f"{results['p99_ratio_median']:.2f}x p99 (medians over {args.rounds} rounds)")
+    finish({"setup": setup, **results}, table, args.out)
+    return 1 if any(r["errors"] for r in results.values() if isinstance(r, dict) and "errors" in r) else 0
 
 
 if __name__ == "__main__":

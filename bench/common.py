@@ -35,8 +35,13 @@ ENV_DEFAULTS = {
 }
 
 
+_LOAD_AT_START: list[float] = []
+
+
 def setup_env() -> None:
-    """Offline hub, project caches, a bounded vLLM KV cache on CPU (kept if already set)."""
+    """Offline hub, project caches, a bounded vLLM KV cache on CPU (kept if already set);
+    notes the load average at the start of the run."""
+    _LOAD_AT_START[:] = list(os.getloadavg())
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.chdir(REPO)  # recipes and the SFT checkpoint are addressed relative to the repo
@@ -151,19 +156,21 @@ def run_pipeline(cfg, steps: int, warmup: int, after_step=None) -> dict[str, Any
     `training_step`s, shut the run's actors down. `after_step(run, metrics)` runs inside the timed
     window after each timed step (its time counts). Returns wall seconds, samples/s, per-step
     metrics and the mean seconds per phase."""
-    from actors import driver
+    from recipes import train as driver
 
     run = driver.start_run(cfg)
     try:
         for _ in range(warmup):
             driver.training_step(run)
-        timed = []
+        timed, step_seconds = [], []
         with Stopwatch() as sw:
             for _ in range(steps):
+                t = time.perf_counter()
                 metrics = driver.training_step(run)
                 if after_step is not None:
                     after_step(run, metrics)
                 timed.append(metrics)
+                step_seconds.append(time.perf_counter() - t)
         drain = 0.0
         if run.pending is not None:  # async: the rollout launched for a step that will not run
             import ray
@@ -180,6 +187,7 @@ def run_pipeline(cfg, steps: int, warmup: int, after_step=None) -> dict[str, Any
         "warmup": warmup,
         "seconds": sw.seconds,
         "seconds_per_step": sw.seconds / steps,
+        "step_seconds": step_seconds,
         "samples_per_s": steps * P * G / sw.seconds,
         "untimed_drain_seconds": drain,
         "reward_mean": sum(m["reward/total_mean"] for m in timed) / steps,
@@ -187,6 +195,15 @@ def run_pipeline(cfg, steps: int, warmup: int, after_step=None) -> dict[str, Any
         "phase_seconds_per_step": {p: sum(m.get(f"time/{p}", 0.0) for m in timed) / steps for p in phases},
         "step_metrics": timed,
     }
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """min / median / max / n of repeated measurements."""
+    import statistics
+
+    if not values:
+        raise ValueError("spread of no measurements")
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
 
 
 class Stopwatch:
@@ -207,7 +224,8 @@ def machine_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
-        "load_avg_1_5_15": list(os.getloadavg()),
+        "load_avg_1_5_15_at_start": list(_LOAD_AT_START) or None,
+        "load_avg_1_5_15_at_end": list(os.getloadavg()),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -241,7 +259,8 @@ def finish(results: dict[str, Any], table: str, out: str | None, command: Sequen
     results = {**results, "machine": machine_info(), "command": " ".join(command or sys.argv)}
     print(table)
     print(f"\nmachine: {results['machine']['cpu_count']} cores, gpu={results['machine']['gpu']}, "
-          f"load avg {results['machine']['load_avg_1_5_15']}")
+          f"load avg at start {results['machine']['load_avg_1_5_15_at_start']}, "
+          f"at end {results['machine']['load_avg_1_5_15_at_end']}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))

@@ -17,7 +17,7 @@ import io
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
 import httpx
@@ -38,6 +38,7 @@ class LoadResult:
     p50_s: float
     p99_s: float
     first_error: str = ""
+    captions: list[str] = field(default_factory=list)
 
 
 def png(colour: str, size: tuple[int, int] = (84, 84)) -> bytes:
@@ -81,6 +82,7 @@ async def run_load(url: str, headers: dict, *, concurrency: int, requests: int,
     images = [png(c) for c in COLOURS]
     data = {"concepts": ",".join(concepts)} if concepts else {"top_k": str(top_k or 1)}
     latencies: list[float] = []
+    captions: list[str] = []
     errors: list[str] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
@@ -98,7 +100,9 @@ async def run_load(url: str, headers: dict, *, concurrency: int, requests: int,
                     f"{url}/v1/captions", headers=headers, data=data,
                     files={"image": ("q.png", images[i % len(images)], "image/png")})
                 ok = res.status_code == 200
-                if not ok:
+                if ok:
+                    captions.append(res.json()["caption"])
+                else:
                     errors.append(f"{res.status_code}: {res.text[:200]}")
             except httpx.HTTPError as exc:
                 ok = False
@@ -115,6 +119,7 @@ async def run_load(url: str, headers: dict, *, concurrency: int, requests: int,
         requests=requests, concurrency=concurrency, errors=len(errors), seconds=elapsed,
         throughput_rps=len(latencies) / elapsed, p50_s=percentile(latencies, 50),
         p99_s=percentile(latencies, 99), first_error=errors[0] if errors else "",
+        captions=captions,
     )
 
 
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         register(args.url, headers, names)
     result = asyncio.run(run_load(args.url, headers, concurrency=args.concurrency,
                                   requests=args.requests, concepts=names, top_k=args.top_k))
-    print(json.dumps(asdict(result), indent=2))
+    print(json.dumps({k: v for k, v in asdict(result).items() if k != "captions"}, indent=2))
     return 1 if result.errors else 0
 
 

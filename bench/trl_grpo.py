@@ -11,15 +11,21 @@ trl 1.16 with transformers 5.19). The settings mirror our experiment config:
   `scale_rewards="group"`: (r - group mean) / group std;
 - the same LoRA (rank, alpha, dropout, the language-model-only target regex), learning
   rate, precision (fp32 on CPU), temperature, top_p and `max_completion_length`;
-- the same multi-image prompts (references with their names, then the query) in TRL's
-  conversational format with an `images` column, and the same name reward
-  (`repic_ray.rewards.build_reward` with our reward config).
+- the same multi-image prompts in the same order: the samples our `PromptSampler` draws
+  for the same seed (references with their names, then the query), in TRL's
+  conversational format with an `images` column, TRL's own shuffling off, and the same
+  name reward (`repic_ray.rewards.build_reward` with our reward config);
+- gradient checkpointing as our learner has it (`learner.gradient_checkpointing`; TRL's
+  `GRPOConfig` turns it on by default, which costs a second forward per step);
+- torch threads: all cores of the machine unless `threads` says otherwise (a TRL user runs
+  one process; it is recorded in the result), with generation and loss timed separately.
 TRL generates with transformers `generate` here (its vLLM modes need a GPU server or a
 colocated CUDA engine); that is what a TRL user on this machine gets.
 """
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from typing import Any
@@ -74,8 +80,21 @@ def name_reward_func(samples: list, reward_cfg: Any, categories: dict[str, str])
     return repic_reward
 
 
-def run_trl(cfg: Any, samples: list, categories: dict[str, str], steps: int, warmup: int) -> dict[str, Any]:
-    """Train `warmup + steps` GRPO steps with TRL; time the last `steps` (step ends, wall clock)."""
+def sampler_order(train: list, seed: int, prompts_per_step: int, steps: int) -> list:
+    """The training samples our driver's `PromptSampler` draws in its first `steps` steps."""
+    from repic_ray.pipeline.sampler import PromptSampler
+
+    sampler = PromptSampler(train, seed=seed)
+    return [item for _ in range(steps) for _, item in sampler.next(prompts_per_step)]
+
+
+def run_trl(cfg: Any, samples: list, categories: dict[str, str], steps: int, warmup: int,
+            threads: int | None = None) -> dict[str, Any]:
+    """Train `warmup + steps` GRPO steps with TRL on `samples` in order (P per step); time the
+    last `steps` (step ends, wall clock) and, within them, generation + scoring and the loss."""
+    import os
+
+    import torch
     from peft import LoraConfig
     from transformers import TrainerCallback
     try:
@@ -108,12 +127,34 @@ def run_trl(cfg: Any, samples: list, categories: dict[str, str], steps: int, war
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())
 
+    phase_seconds: dict[str, list[float]] = {"generate_and_score": [], "loss_forward": []}
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer with its two phases timed: generation + scoring (which includes the
+        old/reference log-prob forwards) and the loss (policy forward; backward is timed
+        by the step clock minus these)."""
+
+        def _generate_and_score_completions(self, *a, **kw):
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(*a, **kw)
+            phase_seconds["generate_and_score"].append(time.perf_counter() - t)
+            return out
+
+        def compute_loss(self, *a, **kw):
+            t = time.perf_counter()
+            out = super().compute_loss(*a, **kw)
+            phase_seconds["loss_forward"].append(time.perf_counter() - t)
+            return out
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     clock = StepClock()
     out_dir = tempfile.mkdtemp(prefix="bench-trl-")
     args = GRPOConfig(
         output_dir=out_dir,
         max_steps=warmup + steps,
         per_device_train_batch_size=micro,
+        shuffle_dataset=False,  # `samples` already come in our sampler's order
+        gradient_checkpointing=cfg.learner.gradient_checkpointing,
         gradient_accumulation_steps=(P * G) // micro,
         generation_batch_size=P * G,
         num_generations=G,
@@ -146,7 +187,7 @@ def run_trl(cfg: Any, samples: list, categories: dict[str, str], steps: int, war
         generation_kwargs={"suppress_tokens": vision_token_ids(processor.tokenizer)},
     )
     lora = cfg.learner.lora
-    trainer = GRPOTrainer(
+    trainer = TimedGRPOTrainer(
         model=cfg.rollout.model,
         reward_funcs=name_reward_func(samples, cfg.reward, categories),
         args=args,
@@ -161,17 +202,29 @@ def run_trl(cfg: Any, samples: list, categories: dict[str, str], steps: int, war
         raise RuntimeError(f"TRL ran {len(clock.ends)} steps, expected {warmup + steps}")
     start = clock.ends[warmup - 1] if warmup else clock.begin
     seconds = clock.ends[-1] - start
+    marks = [clock.begin, *clock.ends]
+    step_seconds = [b - a for a, b in itertools.pairwise(marks)][warmup:]
+    accum = args.gradient_accumulation_steps
+    gen = phase_seconds["generate_and_score"]
+    loss = phase_seconds["loss_forward"]
+    # One generation per optimizer step (generation_batch_size = P x G); `accum` loss calls.
+    phases = {"generate_and_score": sum(gen[warmup:]) / steps,
+              "loss_forward": sum(loss[warmup * accum:]) / steps}
     logs = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
     return {
         "steps": steps,
         "seconds": seconds,
         "seconds_per_step": seconds / steps,
+        "step_seconds": step_seconds,
         "samples_per_s": steps * P * G / seconds,
+        "phase_seconds_per_step": phases,
+        "torch_threads": torch.get_num_threads(),
         "reward_mean": float(sum(h.get("reward", 0.0) for h in logs[warmup:]) / max(len(logs[warmup:]), 1)),
         "completion_tokens_mean": float(
             sum(h.get("completions/mean_length", 0.0) for h in logs[warmup:]) / max(len(logs[warmup:]), 1)
         ),
         "settings": {"loss_type": "grpo", "beta": args.beta, "num_generations": G, "epsilon": args.epsilon,
                      "generation_batch_size": P * G, "per_device_train_batch_size": micro,
+                     "gradient_checkpointing": args.gradient_checkpointing, "shuffle_dataset": False,
                      "gradient_accumulation_steps": args.gradient_accumulation_steps, "generation": "transformers"},
     }

@@ -85,6 +85,7 @@ class HFRolloutEngine:
             torch.manual_seed(sampling.seed)
         self._reset_rope_cache()
         greedy = sampling.temperature == 0
+        processed = self.cfg.logprobs_mode == "processed_logprobs"
         out = self.model.generate(
             **inputs,
             do_sample=not greedy,
@@ -97,14 +98,15 @@ class HFRolloutEngine:
             tokenizer=self.tokenizer,
             pad_token_id=self.tokenizer.pad_token_id,
             return_dict_in_generate=True,
-            output_scores=True,
-            output_logits=True,
+            # Only the per-step tensor the log-probs come from.
+            output_scores=processed,
+            output_logits=not processed,
         )
         prompt_len = inputs["input_ids"].shape[1]
         tokens_BT = out.sequences[:, prompt_len:].cpu()
         # "processed": the distribution sampled from (temperature, top_p, blocked tokens);
         # "raw": the model's own log-softmax.
-        steps = out.scores if self.cfg.logprobs_mode == "processed_logprobs" else out.logits
+        steps = out.scores if processed else out.logits
         logits_BTV = torch.stack(steps, dim=1).float().cpu()
         logprobs_BT = torch.log_softmax(logits_BTV, dim=-1).gather(-1, tokens_BT[..., None])[..., 0]
         results, row = [], 0

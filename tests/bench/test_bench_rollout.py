@@ -9,11 +9,14 @@ pytestmark = pytest.mark.slow
 
 def test_rollout_bench_measures_both_engines(run_bench, positive):
     out = run_bench("bench_rollout.py", "--model", "tiny:qwen2.5-vl", "--prompts", "2", "--n", "2",
-                    "--max-tokens", "8", "--iters", "1")
+                    "--max-tokens", "8", "--iters", "2")
     for engine in ("vllm", "hf_generate"):
-        positive(out[engine], "samples_per_s", "tokens_per_s", "seconds", "completion_tokens")
-        # every prompt answered with n samples
-        assert out[engine]["samples"] == 2 * 2
+        positive(out[engine]["samples_per_s"], "min", "median", "max")
+        positive(out[engine], "tokens_per_s_median")
+        # every prompt of both timed calls answered with n samples
+        assert out[engine]["samples"] == 2 * 2 * 2
+        assert [c["samples"] for c in out["calls"][engine]] == [4, 4]
     positive(out, "speedup_samples_per_s", "speedup_tokens_per_s")
+    assert out["setup"]["hf_threads"] in (1, 2)
     # RePIC prompts: reference image(s) and the query
     assert out["setup"]["images_per_prompt_max"] >= 2

@@ -1,0 +1,21 @@
+"""bench/profile_step.py end to end, reduced: the step and its parts, 1 timed step, 2 repeats."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_profile_step_times_the_step_and_its_parts(run_bench, positive):
+    out = run_bench("profile_step.py", "--model", "tiny:qwen2.5-vl", "--prompts", "2", "--group", "2",
+                    "--max-tokens", "8", "--steps", "1", "--warmup", "1", "--repeats", "2")
+    positive(out["pipeline_step"]["step_seconds"], "median")
+    positive(out["pipeline_step"]["phases_median"], "generate", "train")
+    for part in ("generate_via_actor_lora", "generate_direct_lora", "generate_direct_base",
+                 "learner_logprobs_via_group", "learner_train_via_group", "learner_export_lora"):
+        positive(out[part], "min", "median", "max")
+        assert len(out[part]["all"]) == 2
+    # Every process's threads are recorded; Ray gives a 1-CPU actor one torch thread.
+    for role in ("driver", "rollout_worker", "learner", "reward_actor"):
+        assert out["processes"][role]["torch_threads"] >= 1

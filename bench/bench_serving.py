@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = from_dict(ServeConfig, {
         "captioner": {"checkpoint": args.checkpoint, "max_new_tokens": args.max_new_tokens,
                       "max_model_len": 2048},

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -121,19 +122,30 @@ def run(cfg: ServeConfig, deployments: dict[str, dict[str, Any]], http: dict[str
         p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     from deploy.serve_app import application
 
+    # SIGTERM (a service manager's stop, `kill`) takes the same path as Ctrl-C, so the
+    # local Ray cluster this process started is shut down with all its processes.
+    signal.signal(signal.SIGTERM, _interrupt)
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
-    serve.start(http_options=http)
-    serve.run(application(cfg, deployments), name="repic", route_prefix="/")
-    print(f"repic serve: listening on http://{http['host']}:{http['port']}/ "
-          f"(API docs at /docs); Ctrl-C to stop", flush=True)
     try:
+        serve.start(http_options=http)
+        try:
+            serve.run(application(cfg, deployments), name="repic", route_prefix="/")
+        except RuntimeError as exc:  # a deployment failed (e.g. the caption engine)
+            raise SystemExit(f"repic serve: the service did not start: {exc}") from None
+        print(f"repic serve: listening on http://{http['host']}:{http['port']}/ "
+              f"(API docs at /docs); Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         serve.shutdown()
         ray.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
                                         concepts="Bo,Mo" or top_k=N for retrieval)
     POST   /v1/admin/users              create a user and its first key (admins only)
     POST   /v1/admin/users/{name}/keys  another key for a user (admins only)
-    GET    /v1/me, /healthz, /          who am I, liveness, the web page
+    GET    /v1/me, /healthz, /readyz, / who am I, liveness, readiness (the caption
+                                        engine answers), the web page
 
 Every concept route is scoped to the user that the `X-API-Key` header
 authenticates; another user's concept is indistinguishable from a missing one
@@ -55,8 +56,15 @@ class ApiConfig:
     """Concepts retrieved when a caption request names none and gives no `top_k`."""
     static_dir: str = ""
     """Directory of the web page; empty means `deploy/static` of this checkout."""
+    caption_timeout_s: float = 120.0
+    """A caption request whose retrieval and generation take longer is answered 504."""
+    ready_timeout_s: float = 5.0
+    """How long `/readyz` waits for the caption engine to answer."""
 
     def __post_init__(self) -> None:
+        for name in ("caption_timeout_s", "ready_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"api.{name}: must be > 0, got {getattr(self, name)}")
         if not 1 <= self.default_top_k <= self.limits.max_concepts_per_caption:
             raise ValueError(
                 f"api.default_top_k: must be in 1..limits.max_concepts_per_caption "
@@ -71,6 +79,9 @@ class Backend(Protocol):
 
     async def caption(self, query: bytes, concepts: list[ReferenceConcept]
                       ) -> CaptionResult: ...
+
+    async def ready(self) -> None:
+        """Returns once the caption engine answers; raises if it cannot."""
 
 
 # -- response schemas (OpenAPI) ----------------------------------------------
@@ -167,7 +178,20 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
+        """Liveness of the API process alone."""
         return {"ok": True}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 once the caption engine answers, else 503 with the reason."""
+        try:
+            await asyncio.wait_for(backend.ready(), config.ready_timeout_s)
+        except TimeoutError:
+            return JSONResponse({"ready": False, "detail": "the captioner is not ready "
+                                 f"(no answer within {config.ready_timeout_s} s)"}, 503)
+        except Exception as exc:  # noqa: BLE001 - any failure is the engine's reason (e.g. vLLM's start-up error)
+            return JSONResponse({"ready": False, "detail": f"captioner: {exc}"}, 503)
+        return JSONResponse({"ready": True})
 
     @app.get("/v1/me", response_model=UserOut)
     def me(user: Caller) -> UserOut:
@@ -286,6 +310,23 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             stored = await run_in_threadpool(store.list_concepts, user.id)
             mode = "retrieval"
         refs = await run_in_threadpool(_references, store, stored)
+        try:
+            async with asyncio.timeout(config.caption_timeout_s):
+                matches, result = await _match_and_caption(data, refs, names, mode, k)
+        except TimeoutError:
+            raise HTTPException(504, f"captioning took longer than {config.caption_timeout_s} s "
+                                     "(api.caption_timeout_s); try again later") from None
+        by_name = {r.name: r for r in refs}
+        return CaptionOut(
+            caption=result.caption, model=result.model, mode=mode,
+            width=query.width, height=query.height,
+            concepts=[MatchOut(name=m.name, category=by_name[m.name].category,
+                               score=None if m.score != m.score else m.score, box=m.box)
+                      for m in matches],
+        )
+
+    async def _match_and_caption(data: bytes, refs: list[ReferenceConcept], names: list[str],
+                                 mode: str, k: int) -> tuple[list[Match], CaptionResult]:
         matches = await backend.match(data, refs, k) if refs else []
         by_name = {r.name: r for r in refs}
         if mode == "retrieval":
@@ -296,14 +337,7 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             found = {m.name: m for m in matches}
             matches = [found.get(n) or Match(name=n, score=float("nan"), box=None)
                        for n in names]
-        result = await backend.caption(data, refs)
-        return CaptionOut(
-            caption=result.caption, model=result.model, mode=mode,
-            width=query.width, height=query.height,
-            concepts=[MatchOut(name=m.name, category=by_name[m.name].category,
-                               score=None if m.score != m.score else m.score, box=m.box)
-                      for m in matches],
-        )
+        return matches, await backend.caption(data, refs)
 
     # -- web page ----------------------------------------------------------
 
@@ -357,3 +391,6 @@ class LocalBackend:
         # One generate at a time: HF models are not safe to call from several threads.
         async with self._lock:
             return await run_in_threadpool(self.captioner.caption, query, concepts)
+
+    async def ready(self) -> None:
+        return None

@@ -92,7 +92,11 @@ def check_image(data: bytes, filename: str, limits: LimitsConfig) -> Image.Image
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt, (w, h) = img.format, img.size
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        # PIL refuses to even open an image over twice Image.MAX_IMAGE_PIXELS.
+        raise UploadError(413, f"{label}: too many pixels ({exc}); the limit is "
+                               f"{limits.max_pixels}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise UploadError(400, f"{label}: not a readable image ({type(exc).__name__})") from None
     if fmt not in limits.formats:
         raise UploadError(415, f"{label}: format {fmt} is not accepted "

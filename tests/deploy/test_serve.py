@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -73,7 +72,6 @@ def service(tmp_path_factory):
 
     from deploy.serve_app import application
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     root = tmp_path_factory.mktemp("serve-store")
     port = free_port()
     ray.init(address="local", include_dashboard=False, num_cpus=2,

@@ -191,3 +191,48 @@ def test_state_survives_app_restart(tmp_path, backend):
     client, _ = make_client(tmp_path, backend)  # a new store and app on the same root
     assert [c["name"] for c in client.get("/v1/concepts", headers=key).json()] == ["Bo"]
     assert client.get("/v1/concepts/Bo/images/0", headers=key).content == png("red")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with one empty IDAT: ~60 bytes that a
+    naive decoder would inflate into width*height*3 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_413_before_decoding(env):
+    client, keys, _ = env
+    # 30000 x 30000 = 9e8 pixels: over twice PIL's MAX_IMAGE_PIXELS, so PIL refuses to
+    # even open it; the answer is still "too many pixels", not "unreadable".
+    bomb = _png_header_only(30000, 30000)
+    res = client.post("/v1/concepts", data={"name": "Bomb"}, headers=keys["alice"],
+                      files=[("images", ("bomb.png", bomb, "image/png"))])
+    assert res.status_code == 413 and "pixels" in res.json()["detail"], res.text
+    res = client.post("/v1/captions", headers=keys["alice"],
+                      files={"image": ("bomb.png", bomb, "image/png")})
+    assert res.status_code == 413, res.text
+    # Over this API's limit (512*512) but under PIL's: refused from the header as well.
+    res = client.post("/v1/captions", headers=keys["alice"],
+                      files={"image": ("wide.png", _png_header_only(4000, 4000), "image/png")})
+    assert res.status_code == 413 and "16000000 pixels" in res.json()["detail"], res.text
+
+
+def test_readiness_and_caption_timeout(tmp_path, backend):
+    store = ConceptStore(StoreConfig(root=str(tmp_path)))
+    store.create_user("u")
+    key = {"X-API-Key": store.create_api_key("u")}
+    # A caption budget no real generation meets: a clear 504, and the API keeps serving.
+    client = TestClient(build_app(store, backend, ApiConfig(limits=LIMITS, default_top_k=1,
+                                                            caption_timeout_s=0.001)))
+    assert client.get("/readyz").json() == {"ready": True}
+    res = client.post("/v1/captions", headers=key,
+                      files={"image": ("q.png", png("red"), "image/png")})
+    assert res.status_code == 504 and "caption_timeout_s" in res.json()["detail"], res.text
+    assert client.get("/v1/me", headers=key).status_code == 200

@@ -23,6 +23,7 @@ production, the plain classes in tests), so this module never imports Ray.
 # annotations, which name dependencies defined locally inside `build_app`.
 import asyncio
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Protocol
 
@@ -235,13 +236,10 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             data = await read_upload(upload)
             await run_in_threadpool(check_image, data, upload.filename or "", limits)
             blobs.append(data)
-        count = await run_in_threadpool(store.count_concepts, user.id)
-        if count >= limits.max_concepts_per_user:
-            raise UploadError(409, f"concept limit reached ({limits.max_concepts_per_user} "
-                                   "per user); delete one first")
         try:
             concept = await run_in_threadpool(
-                store.add_concept, user.id, name, category, info, blobs)
+                partial(store.add_concept, user.id, name, category, info, blobs,
+                        max_concepts=limits.max_concepts_per_user))
         except StoreError as exc:
             raise HTTPException(409, str(exc)) from None
         return _concept_out(concept)

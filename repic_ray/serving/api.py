@@ -37,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from repic_ray.serving.store import Concept, ConceptStore, StoreError, User
 from repic_ray.serving.types import CaptionResult, Match, ReferenceConcept
 from repic_ray.serving.uploads import (
+    BodyLimit,
     LimitsConfig,
     UploadError,
     check_image,
@@ -146,6 +147,7 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
                     "photos that mention them by name (RePIC-style prompting).",
         version="1",
     )
+    app.add_middleware(BodyLimit, max_bytes=limits.request_bytes())
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                   description="A key from `repic serve add-user`.")
 

@@ -236,3 +236,45 @@ def test_readiness_and_caption_timeout(tmp_path, backend):
                       files={"image": ("q.png", png("red"), "image/png")})
     assert res.status_code == 504 and "caption_timeout_s" in res.json()["detail"], res.text
     assert client.get("/v1/me", headers=key).status_code == 200
+
+
+def test_request_body_limit_is_enforced_while_streaming(tmp_path, backend):
+    import asyncio
+
+    store = ConceptStore(StoreConfig(root=str(tmp_path)))
+    store.create_user("u")
+    key = store.create_api_key("u").encode()
+    limits = LimitsConfig(max_upload_bytes=200_000, max_images_per_concept=1,
+                          max_request_bytes=300_000)
+    app = build_app(store, backend, ApiConfig(limits=limits, default_top_k=1))
+    # Declared too large: refused before a byte of the body is read.
+    client = TestClient(app)
+    res = client.post("/v1/captions", headers={"X-API-Key": key.decode(),
+                                               "Content-Length": "50000000"}, content=b"")
+    assert res.status_code == 413 and "50000000 bytes" in res.json()["detail"], res.text
+
+    # No Content-Length (chunked): the ASGI app pulls 64 KiB chunks of an endless but
+    # well-formed multipart upload; it must answer 413 after the first chunk past the
+    # limit, not read on.
+    boundary = b"b0undary"
+    head = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="images"; '
+            b'filename="a.png"\r\nContent-Type: image/png\r\n\r\n')
+    pulled, sent = 0, []
+
+    async def receive():
+        nonlocal pulled
+        pulled += 1
+        chunk = head + b"x" * (65536 - len(head)) if pulled == 1 else b"x" * 65536
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/concepts", "raw_path": b"/v1/concepts",
+             "query_string": b"", "root_path": "", "server": ("test", 80), "client": ("c", 1),
+             "headers": [(b"x-api-key", key),
+                         (b"content-type", b"multipart/form-data; boundary=" + boundary)]}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 60))
+    assert sent[0]["status"] == 413
+    assert pulled == 300_000 // 65536 + 1  # 5 chunks: the 5th crosses 300000 bytes

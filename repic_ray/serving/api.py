@@ -25,7 +25,7 @@ import asyncio
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -130,6 +130,36 @@ class NewKeyOut(BaseModel):
     """Shown once; only its hash is stored."""
 
 
+class ErrorOut(BaseModel):
+    detail: str = ""
+    """What was wrong with the request, in words."""
+
+
+_ERRORS = {
+    400: "An upload that is not a readable image",
+    401: "Missing or invalid X-API-Key",
+    403: "The key is not an admin's",
+    404: "No such concept, image or user (another user's concept is missing too)",
+    409: "The name is taken, or the user's concept limit is reached",
+    413: "Too many bytes (request or file) or too many pixels",
+    415: "An image format outside the accepted list",
+    422: "A malformed field or a limit on names, counts or lengths",
+    504: "Captioning took longer than the API's caption timeout",
+}
+
+
+class InvalidOut(BaseModel):
+    detail: str | list[dict[str, Any]]
+    """A limit's message, or FastAPI's list of field errors for a malformed request."""
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI `responses` of the error statuses a route answers with (422 on every
+    route: a field FastAPI rejects, or a limit this API checks)."""
+    return {c: {"model": InvalidOut if c == 422 else ErrorOut, "description": _ERRORS[c]}
+            for c in (*codes, 422)}
+
+
 def _concept_out(c: Concept) -> ConceptOut:
     return ConceptOut(
         name=c.name, category=c.category, info=c.info, num_images=len(c.image_sha256),
@@ -196,13 +226,14 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             return JSONResponse({"ready": False, "detail": f"captioner: {exc}"}, 503)
         return JSONResponse({"ready": True})
 
-    @app.get("/v1/me", response_model=UserOut)
+    @app.get("/v1/me", response_model=UserOut, responses=_errors(401))
     def me(user: Caller) -> UserOut:
         return UserOut(name=user.name, is_admin=user.is_admin)
 
     # -- admin -------------------------------------------------------------
 
-    @app.post("/v1/admin/users", response_model=NewKeyOut, status_code=201)
+    @app.post("/v1/admin/users", response_model=NewKeyOut, status_code=201,
+              responses=_errors(401, 403, 409, 413))
     def create_user(body: NewUserIn, _: Annotated[User, Depends(admin_user)]) -> NewKeyOut:
         try:
             store.create_user(body.name, is_admin=body.is_admin)
@@ -210,7 +241,8 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             raise HTTPException(409, str(exc)) from None
         return NewKeyOut(name=body.name, api_key=store.create_api_key(body.name))
 
-    @app.post("/v1/admin/users/{name}/keys", response_model=NewKeyOut, status_code=201)
+    @app.post("/v1/admin/users/{name}/keys", response_model=NewKeyOut, status_code=201,
+              responses=_errors(401, 403, 404, 413))
     def create_key(name: str, _: Annotated[User, Depends(admin_user)]) -> NewKeyOut:
         try:
             return NewKeyOut(name=name, api_key=store.create_api_key(name))
@@ -219,7 +251,8 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
 
     # -- concepts ----------------------------------------------------------
 
-    @app.post("/v1/concepts", response_model=ConceptOut, status_code=201)
+    @app.post("/v1/concepts", response_model=ConceptOut, status_code=201,
+              responses=_errors(400, 401, 409, 413, 415))
     async def create_concept(
         user: Caller,
         name: Annotated[str, Form(description="Concept name, e.g. Bo")],
@@ -246,7 +279,7 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             raise HTTPException(409, str(exc)) from None
         return _concept_out(concept)
 
-    @app.get("/v1/concepts", response_model=list[ConceptOut])
+    @app.get("/v1/concepts", response_model=list[ConceptOut], responses=_errors(401))
     def list_concepts(user: Caller) -> list[ConceptOut]:
         return [_concept_out(c) for c in store.list_concepts(user.id)]
 
@@ -256,12 +289,12 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             raise HTTPException(404, f"no concept named {name!r}")
         return concept
 
-    @app.get("/v1/concepts/{name}", response_model=ConceptOut)
+    @app.get("/v1/concepts/{name}", response_model=ConceptOut, responses=_errors(401, 404))
     def get_concept(name: str, user: Caller) -> ConceptOut:
         return _concept_out(owned(user, name))
 
     @app.get("/v1/concepts/{name}/images/{index}",
-             responses={200: {"content": {"image/*": {}}}})
+             responses={200: {"content": {"image/*": {}}}, **_errors(401, 404)})
     def get_concept_image(name: str, index: int, user: Caller) -> Response:
         concept = owned(user, name)
         if not 0 <= index < len(concept.image_sha256):
@@ -270,7 +303,7 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
         return Response(content=data, media_type=_media_type(data),
                         headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.delete("/v1/concepts/{name}", status_code=204)
+    @app.delete("/v1/concepts/{name}", status_code=204, responses=_errors(401, 404))
     def delete_concept(name: str, user: Caller) -> Response:
         if not store.delete_concept(user.id, name):
             raise HTTPException(404, f"no concept named {name!r}")
@@ -278,7 +311,8 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
 
     # -- captions ----------------------------------------------------------
 
-    @app.post("/v1/captions", response_model=CaptionOut)
+    @app.post("/v1/captions", response_model=CaptionOut,
+              responses=_errors(400, 401, 404, 413, 415, 504))
     async def caption(
         user: Caller,
         image: Annotated[UploadFile, File(description="The photo to caption")],

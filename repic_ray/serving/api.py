@@ -144,6 +144,7 @@ _ERRORS = {
     413: "Too many bytes (request or file) or too many pixels",
     415: "An image format outside the accepted list",
     422: "A malformed field or a limit on names, counts or lengths",
+    503: "A model replica failed mid-request (nothing is lost); try again",
     504: "Captioning took longer than the API's caption timeout",
 }
 
@@ -312,7 +313,7 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
     # -- captions ----------------------------------------------------------
 
     @app.post("/v1/captions", response_model=CaptionOut,
-              responses=_errors(400, 401, 404, 413, 415, 504))
+              responses=_errors(400, 401, 404, 413, 415, 503, 504))
     async def caption(
         user: Caller,
         image: Annotated[UploadFile, File(description="The photo to caption")],
@@ -350,6 +351,12 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
         except TimeoutError:
             raise HTTPException(504, f"captioning took longer than {config.caption_timeout_s} s "
                                      "(api.caption_timeout_s); try again later") from None
+        except (HTTPException, UploadError):
+            raise
+        except Exception as exc:  # a model replica died or failed mid-request
+            raise HTTPException(503, f"the model service failed mid-request ({type(exc).__name__})"
+                                     "; nothing was stored, try again",
+                                headers={"Retry-After": "5"}) from exc
         by_name = {r.name: r for r in refs}
         return CaptionOut(
             caption=result.caption, model=result.model, mode=mode,

@@ -278,3 +278,20 @@ def test_request_body_limit_is_enforced_while_streaming(tmp_path, backend):
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 60))
     assert sent[0]["status"] == 413
     assert pulled == 300_000 // 65536 + 1  # 5 chunks: the 5th crosses 300000 bytes
+
+
+def test_a_model_failing_mid_request_is_a_clear_503_and_loses_nothing(tmp_path, tiny_retriever_models):
+    retriever = ConceptRetriever(RetrieverConfig(box_threshold=0.0), *tiny_retriever_models)
+    captioner = HFCaptioner(CaptionerConfig(max_new_tokens=2, model_version="tiny-503"))
+    client, store = make_client(tmp_path, LocalBackend(retriever, captioner))
+    store.create_user("u")
+    key = {"X-API-Key": store.create_api_key("u")}
+    assert add(client, key, "Bo").status_code == 201
+    q = {"image": ("q.png", png("red"), "image/png")}
+    model, captioner.model = captioner.model, None  # the engine is gone (a replica shutting down)
+    res = client.post("/v1/captions", data={"concepts": "Bo"}, files=q, headers=key)
+    assert res.status_code == 503 and "try again" in res.json()["detail"], res.text
+    assert res.headers["retry-after"] == "5"
+    captioner.model = model  # back: the retry succeeds and the concept is intact
+    res = client.post("/v1/captions", data={"concepts": "Bo"}, files=q, headers=key)
+    assert res.status_code == 200 and res.json()["concepts"][0]["name"] == "Bo"

@@ -400,6 +400,7 @@ def fit(run: Run) -> dict[str, Any]:
     while run.step < cfg.trainer.steps:
         try:
             metrics = training_step(run)
+            run.metrics.write(metrics)  # before the checkpoint: a resume truncates to its step
             if cfg.trainer.checkpoint_every and run.step % cfg.trainer.checkpoint_every == 0:
                 save_checkpoint(run)  # inside the try: a learner dying mid-save is recovered too
         except ray.exceptions.RayActorError as exc:
@@ -414,7 +415,6 @@ def fit(run: Run) -> dict[str, Any]:
                         exc, restarts, cfg.cluster.max_actor_restarts)
             recover_learners(run)
             continue
-        run.metrics.write(metrics)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}", kl=f"{metrics['train/kl']:.4f}")

@@ -114,7 +114,7 @@ def test_seeded_batch_larger_than_one_engine_step(engine, requests, sampled):
     and samples what the small batch did: prompts are never split across steps (split, a
     seeded prompt failed with "CPU Generator does not use offset")."""
     big = [RolloutRequest(f"{r.uid}-copy{i}", r.prompt_text, r.image_paths, n=8)
-           for i in range(4) for r in requests]
+           for i in range(8) for r in requests]
     prompt_tokens = sum(8 * len(engine.tokenizer(r.prompt_text).input_ids) for r in big)
     assert prompt_tokens > engine.cfg.max_num_batched_tokens  # image tokens come on top
     out = engine.generate(big + requests, SAMPLING)

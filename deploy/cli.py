@@ -122,10 +122,11 @@ def run(cfg: ServeConfig, deployments: dict[str, dict[str, Any]], http: dict[str
         p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     from deploy.serve_app import application
 
-    # SIGTERM (a service manager's stop, `kill`) takes the same path as Ctrl-C, so the
-    # local Ray cluster this process started is shut down with all its processes.
-    signal.signal(signal.SIGTERM, _interrupt)
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    # SIGTERM (a service manager's stop, `kill`) takes the same path as Ctrl-C, so Serve
+    # and the local Ray cluster this process started shut down in order. Set after
+    # `ray.init`, which installs its own handler (kill the node's processes, exit 1).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options=http)
         try:

@@ -160,7 +160,16 @@ class VLLMCaptioner:
         self.blocked = vision_special_token_ids(self.processor)
         args = AsyncEngineArgs(model=self.path, **engine_kwargs(config))
         pin_vllm_port()
-        self.engine = AsyncLLM.from_engine_args(args)
+        try:
+            self.engine = AsyncLLM.from_engine_args(args)
+        except RuntimeError as exc:
+            # vLLM reports the engine process's own error in its log, not in this exception.
+            memory = (f"captioner.kv_cache_gib={config.kv_cache_gib}" if config.kv_cache_gib
+                      else f"captioner.gpu_memory_utilization={config.gpu_memory_utilization}")
+            raise RuntimeError(
+                f"the vLLM caption engine did not start ({exc}); vLLM's reason is in the log "
+                f"above (a memory error: lower {memory}, captioner.max_model_len or "
+                "captioner.max_num_seqs)") from exc
         self.lora = None
         if config.adapter:
             from vllm.lora.request import LoRARequest

@@ -117,6 +117,7 @@ def test_serve_exits_with_the_engines_reason_when_the_captioner_cannot_start(tmp
     assert res.returncode != 0
     err = res.stderr[-5000:]
     assert "did not start" in err and "Captioner" in err, err
+    assert "captioner.kv_cache_gib=100000" in err, err  # the setting to change
     # vLLM's own reason, from the engine process's log streamed to the terminal.
     output = (res.stdout + res.stderr).lower()
     assert "less than requested memory for kv" in output, output[-5000:]

@@ -68,7 +68,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 1200) -> None:
     while not ready():
         assert proc.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
 
@@ -81,8 +81,9 @@ def test_killed_train_resumes_to_the_same_metrics(tmp_path, train, uninterrupted
     proc = train(out)
     if moment == "mid-run":  # step 1 checkpointed, step 2 under way
         kill_when(proc, lambda: (ckpts / "step_000001" / "manifest.json").exists())
-    else:  # the second checkpoint is being written
-        kill_when(proc, lambda: (ckpts / "step_000002.tmp").exists())
+    else:  # a later checkpoint is being written (its temporary folder exists)
+        kill_when(proc, lambda: (ckpts / "step_000001" / "manifest.json").exists()
+                  and any(ckpts.glob("step_*.tmp")))
     resumed = train(out, "--resume")
     assert resumed.wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-3000:]
     assert not list(ckpts.glob("*.tmp"))

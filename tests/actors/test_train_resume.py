@@ -74,16 +74,19 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 1200) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["mid-run", "mid-save"])
-def test_killed_train_resumes_to_the_same_metrics(tmp_path, train, uninterrupted, moment):
+def test_killed_train_resumes_to_the_same_metrics(tmp_path, train, uninterrupted):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
+    # 1. Killed mid-save: step 1 sealed, a later checkpoint's temporary folder exists.
     proc = train(out)
-    if moment == "mid-run":  # step 1 checkpointed, step 2 under way
-        kill_when(proc, lambda: (ckpts / "step_000001" / "manifest.json").exists())
-    else:  # a later checkpoint is being written (its temporary folder exists)
-        kill_when(proc, lambda: (ckpts / "step_000001" / "manifest.json").exists()
-                  and any(ckpts.glob("step_*.tmp")))
+    kill_when(proc, lambda: (ckpts / "step_000001" / "manifest.json").exists()
+              and any(ckpts.glob("step_*.tmp")))
+    # 2. Resumed in a new process (the leftover is removed), then killed mid-run: step 2
+    #    sealed again, step 3 under way.
+    proc = train(out, "--resume")
+    kill_when(proc, lambda: (ckpts / "step_000002" / "manifest.json").exists()
+              and not any(ckpts.glob("step_*.tmp")))
+    # 3. Resumed again, to the end.
     resumed = train(out, "--resume")
     assert resumed.wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-3000:]
     assert not list(ckpts.glob("*.tmp"))

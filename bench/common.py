@@ -30,7 +30,6 @@ ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "REPIC_CACHE": str(REPO / ".cache" / "repic"),
     "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-    "VLLM_CPU_KVCACHE_SPACE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 

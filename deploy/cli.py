@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -122,18 +123,30 @@ def run(cfg: ServeConfig, deployments: dict[str, dict[str, Any]], http: dict[str
     from deploy.serve_app import application
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
-    serve.start(http_options=http)
-    serve.run(application(cfg, deployments), name="repic", route_prefix="/")
-    print(f"repic serve: listening on http://{http['host']}:{http['port']}/ "
-          f"(API docs at /docs); Ctrl-C to stop", flush=True)
+    # SIGTERM (a service manager's stop, `kill`) takes the same path as Ctrl-C, so Serve
+    # and the local Ray cluster this process started shut down in order. Set after
+    # `ray.init`, which installs its own handler (kill the node's processes, exit 1).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        serve.start(http_options=http)
+        try:
+            serve.run(application(cfg, deployments), name="repic", route_prefix="/")
+        except RuntimeError as exc:  # a deployment failed (e.g. the caption engine)
+            raise SystemExit(f"repic serve: the service did not start: {exc}") from None
+        print(f"repic serve: listening on http://{http['host']}:{http['port']}/ "
+              f"(API docs at /docs); Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         serve.shutdown()
         ray.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

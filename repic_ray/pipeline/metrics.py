@@ -33,7 +33,14 @@ class MetricsWriter:
         """Drop lines after `step` (a resumed run rewrites them)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # the torn last line of a process killed mid-write
+                continue
+            if row["step"] <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def read(self) -> list[dict[str, Any]]:

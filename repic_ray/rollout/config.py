@@ -61,15 +61,15 @@ class RolloutConfig:
     max_model_len: int = 4096
     """Most tokens of prompt plus completion per sequence."""
     max_num_batched_tokens: int = 16384
-    """Tokens per engine step. vLLM on CPU raises 'CPU Generator does not use offset' for seeded
-    sampling when a batch needs more than one step's tokens, so keep this above the batch size."""
+    """Tokens prefilled per engine step (at least `max_model_len`). Prompts are never split
+    across steps (chunked prefill is off), so a batch of any size works with any value."""
     max_num_seqs: int = 256
     """Most sequences decoded together."""
     limit_images_per_prompt: int = 5
     """Most images in one prompt (RePIC: up to 4 references plus the query image)."""
     kv_cache_gib: float | None = 1.0
-    """KV cache size in GiB (vLLM `kv_cache_memory_bytes`; on CPU the environment variable
-    `VLLM_CPU_KVCACHE_SPACE`, when set, takes precedence). None: vLLM's default."""
+    """KV cache size in GiB (vLLM `kv_cache_memory_bytes`). None: vLLM sizes it from
+    `gpu_memory_utilization` (on CPU: that fraction of the machine's whole RAM)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory vLLM may use when `kv_cache_gib` is None (ignored on CPU)."""
     tensor_parallel_size: int = 1

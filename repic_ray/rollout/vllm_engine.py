@@ -54,6 +54,11 @@ def llm_kwargs(cfg: RolloutConfig) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "max_model_len": cfg.max_model_len,
         "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        # A prompt is prefilled whole or waits for the next step: a prompt split across
+        # steps discards a sampled token and rewinds its seeded generator, which vLLM on
+        # CPU cannot do ("CPU Generator does not use offset") once a batch's prompts
+        # exceed `max_num_batched_tokens`.
+        "enable_chunked_prefill": False,
         "max_num_seqs": cfg.max_num_seqs,
         "limit_mm_per_prompt": {"image": cfg.limit_images_per_prompt},
         "tensor_parallel_size": cfg.tensor_parallel_size,

@@ -10,7 +10,8 @@
                                         concepts="Bo,Mo" or top_k=N for retrieval)
     POST   /v1/admin/users              create a user and its first key (admins only)
     POST   /v1/admin/users/{name}/keys  another key for a user (admins only)
-    GET    /v1/me, /healthz, /          who am I, liveness, the web page
+    GET    /v1/me, /healthz, /readyz, / who am I, liveness, readiness (the caption
+                                        engine answers), the web page
 
 Every concept route is scoped to the user that the `X-API-Key` header
 authenticates; another user's concept is indistinguishable from a missing one
@@ -23,8 +24,9 @@ production, the plain classes in tests), so this module never imports Ray.
 import asyncio
 import importlib.resources
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -36,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from repic_ray.serving.store import Concept, ConceptStore, StoreError, User
 from repic_ray.serving.types import CaptionResult, Match, ReferenceConcept
 from repic_ray.serving.uploads import (
+    BodyLimit,
     LimitsConfig,
     UploadError,
     check_image,
@@ -60,8 +63,15 @@ class ApiConfig:
     static_dir: str = ""
     """Directory of the web page; empty means the page shipped with the package
     (`repic_ray/serving/static`, found through `importlib.resources`)."""
+    caption_timeout_s: float = 120.0
+    """A caption request whose retrieval and generation take longer is answered 504."""
+    ready_timeout_s: float = 5.0
+    """How long `/readyz` waits for the caption engine to answer."""
 
     def __post_init__(self) -> None:
+        for name in ("caption_timeout_s", "ready_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"api.{name}: must be > 0, got {getattr(self, name)}")
         if not 1 <= self.default_top_k <= self.limits.max_concepts_per_caption:
             raise ValueError(
                 f"api.default_top_k: must be in 1..limits.max_concepts_per_caption "
@@ -76,6 +86,9 @@ class Backend(Protocol):
 
     async def caption(self, query: bytes, concepts: list[ReferenceConcept]
                       ) -> CaptionResult: ...
+
+    async def ready(self) -> None:
+        """Returns once the caption engine answers; raises if it cannot."""
 
 
 # -- response schemas (OpenAPI) ----------------------------------------------
@@ -122,6 +135,37 @@ class NewKeyOut(BaseModel):
     """Shown once; only its hash is stored."""
 
 
+class ErrorOut(BaseModel):
+    detail: str = ""
+    """What was wrong with the request, in words."""
+
+
+_ERRORS = {
+    400: "An upload that is not a readable image",
+    401: "Missing or invalid X-API-Key",
+    403: "The key is not an admin's",
+    404: "No such concept, image or user (another user's concept is missing too)",
+    409: "The name is taken, or the user's concept limit is reached",
+    413: "Too many bytes (request or file) or too many pixels",
+    415: "An image format outside the accepted list",
+    422: "A malformed field or a limit on names, counts or lengths",
+    503: "A model replica failed mid-request (nothing is lost); try again",
+    504: "Captioning took longer than the API's caption timeout",
+}
+
+
+class InvalidOut(BaseModel):
+    detail: str | list[dict[str, Any]]
+    """A limit's message, or FastAPI's list of field errors for a malformed request."""
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI `responses` of the error statuses a route answers with (422 on every
+    route: a field FastAPI rejects, or a limit this API checks)."""
+    return {c: {"model": InvalidOut if c == 422 else ErrorOut, "description": _ERRORS[c]}
+            for c in (*codes, 422)}
+
+
 def _concept_out(c: Concept) -> ConceptOut:
     return ConceptOut(
         name=c.name, category=c.category, info=c.info, num_images=len(c.image_sha256),
@@ -139,6 +183,7 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
                     "photos that mention them by name (RePIC-style prompting).",
         version="1",
     )
+    app.add_middleware(BodyLimit, max_bytes=limits.request_bytes())
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                   description="A key from `repic serve add-user`.")
 
@@ -172,15 +217,29 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
+        """Liveness of the API process alone."""
         return {"ok": True}
 
-    @app.get("/v1/me", response_model=UserOut)
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 once the caption engine answers, else 503 with the reason."""
+        try:
+            await asyncio.wait_for(backend.ready(), config.ready_timeout_s)
+        except TimeoutError:
+            return JSONResponse({"ready": False, "detail": "the captioner is not ready "
+                                 f"(no answer within {config.ready_timeout_s} s)"}, 503)
+        except Exception as exc:  # noqa: BLE001 - any failure is the engine's reason (e.g. vLLM's start-up error)
+            return JSONResponse({"ready": False, "detail": f"captioner: {exc}"}, 503)
+        return JSONResponse({"ready": True})
+
+    @app.get("/v1/me", response_model=UserOut, responses=_errors(401))
     def me(user: Caller) -> UserOut:
         return UserOut(name=user.name, is_admin=user.is_admin)
 
     # -- admin -------------------------------------------------------------
 
-    @app.post("/v1/admin/users", response_model=NewKeyOut, status_code=201)
+    @app.post("/v1/admin/users", response_model=NewKeyOut, status_code=201,
+              responses=_errors(401, 403, 409, 413))
     def create_user(body: NewUserIn, _: Annotated[User, Depends(admin_user)]) -> NewKeyOut:
         try:
             store.create_user(body.name, is_admin=body.is_admin)
@@ -188,7 +247,8 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             raise HTTPException(409, str(exc)) from None
         return NewKeyOut(name=body.name, api_key=store.create_api_key(body.name))
 
-    @app.post("/v1/admin/users/{name}/keys", response_model=NewKeyOut, status_code=201)
+    @app.post("/v1/admin/users/{name}/keys", response_model=NewKeyOut, status_code=201,
+              responses=_errors(401, 403, 404, 413))
     def create_key(name: str, _: Annotated[User, Depends(admin_user)]) -> NewKeyOut:
         try:
             return NewKeyOut(name=name, api_key=store.create_api_key(name))
@@ -197,7 +257,8 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
 
     # -- concepts ----------------------------------------------------------
 
-    @app.post("/v1/concepts", response_model=ConceptOut, status_code=201)
+    @app.post("/v1/concepts", response_model=ConceptOut, status_code=201,
+              responses=_errors(400, 401, 409, 413, 415))
     async def create_concept(
         user: Caller,
         name: Annotated[str, Form(description="Concept name, e.g. Bo")],
@@ -216,18 +277,15 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             data = await read_upload(upload)
             await run_in_threadpool(check_image, data, upload.filename or "", limits)
             blobs.append(data)
-        count = await run_in_threadpool(store.count_concepts, user.id)
-        if count >= limits.max_concepts_per_user:
-            raise UploadError(409, f"concept limit reached ({limits.max_concepts_per_user} "
-                                   "per user); delete one first")
         try:
             concept = await run_in_threadpool(
-                store.add_concept, user.id, name, category, info, blobs)
+                partial(store.add_concept, user.id, name, category, info, blobs,
+                        max_concepts=limits.max_concepts_per_user))
         except StoreError as exc:
             raise HTTPException(409, str(exc)) from None
         return _concept_out(concept)
 
-    @app.get("/v1/concepts", response_model=list[ConceptOut])
+    @app.get("/v1/concepts", response_model=list[ConceptOut], responses=_errors(401))
     def list_concepts(user: Caller) -> list[ConceptOut]:
         return [_concept_out(c) for c in store.list_concepts(user.id)]
 
@@ -237,12 +295,12 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             raise HTTPException(404, f"no concept named {name!r}")
         return concept
 
-    @app.get("/v1/concepts/{name}", response_model=ConceptOut)
+    @app.get("/v1/concepts/{name}", response_model=ConceptOut, responses=_errors(401, 404))
     def get_concept(name: str, user: Caller) -> ConceptOut:
         return _concept_out(owned(user, name))
 
     @app.get("/v1/concepts/{name}/images/{index}",
-             responses={200: {"content": {"image/*": {}}}})
+             responses={200: {"content": {"image/*": {}}}, **_errors(401, 404)})
     def get_concept_image(name: str, index: int, user: Caller) -> Response:
         concept = owned(user, name)
         if not 0 <= index < len(concept.image_sha256):
@@ -251,7 +309,7 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
         return Response(content=data, media_type=_media_type(data),
                         headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.delete("/v1/concepts/{name}", status_code=204)
+    @app.delete("/v1/concepts/{name}", status_code=204, responses=_errors(401, 404))
     def delete_concept(name: str, user: Caller) -> Response:
         if not store.delete_concept(user.id, name):
             raise HTTPException(404, f"no concept named {name!r}")
@@ -259,7 +317,8 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
 
     # -- captions ----------------------------------------------------------
 
-    @app.post("/v1/captions", response_model=CaptionOut)
+    @app.post("/v1/captions", response_model=CaptionOut,
+              responses=_errors(400, 401, 404, 413, 415, 503, 504))
     async def caption(
         user: Caller,
         image: Annotated[UploadFile, File(description="The photo to caption")],
@@ -291,6 +350,29 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             stored = await run_in_threadpool(store.list_concepts, user.id)
             mode = "retrieval"
         refs = await run_in_threadpool(_references, store, stored)
+        try:
+            async with asyncio.timeout(config.caption_timeout_s):
+                matches, result = await _match_and_caption(data, refs, names, mode, k)
+        except TimeoutError:
+            raise HTTPException(504, f"captioning took longer than {config.caption_timeout_s} s "
+                                     "(api.caption_timeout_s); try again later") from None
+        except (HTTPException, UploadError):
+            raise
+        except Exception as exc:  # a model replica died or failed mid-request
+            raise HTTPException(503, f"the model service failed mid-request ({type(exc).__name__})"
+                                     "; nothing was stored, try again",
+                                headers={"Retry-After": "5"}) from exc
+        by_name = {r.name: r for r in refs}
+        return CaptionOut(
+            caption=result.caption, model=result.model, mode=mode,
+            width=query.width, height=query.height,
+            concepts=[MatchOut(name=m.name, category=by_name[m.name].category,
+                               score=None if m.score != m.score else m.score, box=m.box)
+                      for m in matches],
+        )
+
+    async def _match_and_caption(data: bytes, refs: list[ReferenceConcept], names: list[str],
+                                 mode: str, k: int) -> tuple[list[Match], CaptionResult]:
         matches = await backend.match(data, refs, k) if refs else []
         by_name = {r.name: r for r in refs}
         if mode == "retrieval":
@@ -301,14 +383,7 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
             found = {m.name: m for m in matches}
             matches = [found.get(n) or Match(name=n, score=float("nan"), box=None)
                        for n in names]
-        result = await backend.caption(data, refs)
-        return CaptionOut(
-            caption=result.caption, model=result.model, mode=mode,
-            width=query.width, height=query.height,
-            concepts=[MatchOut(name=m.name, category=by_name[m.name].category,
-                               score=None if m.score != m.score else m.score, box=m.box)
-                      for m in matches],
-        )
+        return matches, await backend.caption(data, refs)
 
     # -- web page ----------------------------------------------------------
 
@@ -362,3 +437,6 @@ class LocalBackend:
         # One generate at a time: HF models are not safe to call from several threads.
         async with self._lock:
             return await run_in_threadpool(self.captioner.caption, query, concepts)
+
+    async def ready(self) -> None:
+        return None

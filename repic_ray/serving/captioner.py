@@ -58,6 +58,15 @@ class CaptionerConfig:
     """Model dtype ("float32" or "bfloat16")."""
     image_max_pixels: int = 448 * 448
     """Images are downscaled to at most this many pixels before prompting."""
+    kv_cache_gib: float | None = 1.0
+    """KV cache each vLLM replica reserves, in GiB (vLLM `kv_cache_memory_bytes`).
+    None: vLLM sizes it from `gpu_memory_utilization` instead (on CPU that fraction
+    of the machine's whole RAM, which a shared machine rarely has free)."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the accelerator's memory vLLM may use when `kv_cache_gib` is None."""
+    max_num_batched_tokens: int | None = None
+    """Tokens vLLM prefills per step; None: the longest prompt (`max_model_len`) or
+    8192, whichever is larger, so a whole prompt is prefilled in one step."""
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
@@ -68,6 +77,34 @@ class CaptionerConfig:
                 raise ValueError(f"captioner.{name}: must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"captioner.dtype: unknown dtype {self.dtype!r}")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ValueError(f"captioner.kv_cache_gib: must be > 0 or null, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("captioner.gpu_memory_utilization: must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"captioner.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"captioner.max_model_len ({self.max_model_len}): a prompt is prefilled in one step")
+
+
+def engine_kwargs(config: CaptionerConfig) -> dict:
+    """Arguments of vLLM's `AsyncEngineArgs` for this config, the checkpoint excepted."""
+    kwargs = {
+        "dtype": config.dtype,
+        "enforce_eager": True,
+        "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": config.max_num_batched_tokens or max(config.max_model_len, 8192),
+        "limit_mm_per_prompt": {"image": config.max_images},
+        "enable_lora": bool(config.adapter),
+        "max_lora_rank": config.max_lora_rank,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "disable_log_stats": True,
+    }
+    if config.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
+    return kwargs
 
 
 def model_version(config: CaptionerConfig) -> str:
@@ -121,20 +158,18 @@ class VLLMCaptioner:
         self.version = model_version(config)
         self.processor = load_processor(self.path)
         self.blocked = vision_special_token_ids(self.processor)
-        args = AsyncEngineArgs(
-            model=self.path,
-            dtype=config.dtype,
-            enforce_eager=True,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_model_len, 8192),
-            limit_mm_per_prompt={"image": config.max_images},
-            enable_lora=bool(config.adapter),
-            max_lora_rank=config.max_lora_rank,
-            disable_log_stats=True,
-        )
+        args = AsyncEngineArgs(model=self.path, **engine_kwargs(config))
         pin_vllm_port()
-        self.engine = AsyncLLM.from_engine_args(args)
+        try:
+            self.engine = AsyncLLM.from_engine_args(args)
+        except RuntimeError as exc:
+            # vLLM reports the engine process's own error in its log, not in this exception.
+            memory = (f"captioner.kv_cache_gib={config.kv_cache_gib}" if config.kv_cache_gib
+                      else f"captioner.gpu_memory_utilization={config.gpu_memory_utilization}")
+            raise RuntimeError(
+                f"the vLLM caption engine did not start ({exc}); vLLM's reason is in the log "
+                f"above (a memory error: lower {memory}, captioner.max_model_len or "
+                "captioner.max_num_seqs)") from exc
         self.lora = None
         if config.adapter:
             from vllm.lora.request import LoRARequest

@@ -4,8 +4,16 @@ reference images in a content-addressed directory.
 The database is SQLite (a file under `root`) by default, or any SQLAlchemy URL
 (PostgreSQL through psycopg 3: `postgresql://user@host:port/db`). Image bytes are
 kept out of the database, under `root/images/<sha[:2]>/<sha>`, written once and
-shared by every concept (of any user) that holds the same bytes; a file is removed
-when no concept refers to it any more.
+shared by every concept (of any user) that holds the same bytes. The database
+counts the references to each file (`image_files.refs`); the count changes, and a
+file is written or removed, only inside the transaction that adds or deletes the
+concepts holding it, so a delete never removes a file that a concurrent add uses.
+
+Writes are serialized where they must be: SQLite transactions that write take the
+database's write lock when they begin (`BEGIN IMMEDIATE`), PostgreSQL ones lock the
+rows they count or update (`SELECT ... FOR UPDATE`, upserts). Unique names are
+still checked by the database; a violation surfaces as `StoreError`, never as a
+database error.
 
 Every read and write of a concept is scoped by the owning user's id, so one user
 can never see, use or delete another user's concepts or images: the store has no
@@ -29,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KEY_PREFIX = "rk_"
 
 
@@ -153,9 +162,23 @@ def _migrate_v2(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE concepts DROP COLUMN images"))
 
 
+def _migrate_v3(conn: Connection) -> None:
+    """Reference counts of the image files, one row per file, from `concept_images`."""
+    md = sa.MetaData()
+    sa.Table(
+        "image_files", md,
+        sa.Column("sha256", sa.String(64), primary_key=True),
+        sa.Column("refs", sa.Integer, nullable=False),
+    )
+    md.create_all(conn)
+    conn.execute(sa.text("INSERT INTO image_files (sha256, refs) SELECT sha256, COUNT(*) "
+                         "FROM concept_images GROUP BY sha256"))
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migrate_v1),
     (2, _migrate_v2),
+    (3, _migrate_v3),
 ]
 
 
@@ -175,7 +198,7 @@ def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
         if version > target:
             break
         try:
-            with engine.begin() as conn:
+            with _writing(engine).begin() as conn:
                 if engine.dialect.name == "postgresql":
                     # Replicas starting together: one migrates, the others wait here.
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(7311001)"))
@@ -193,8 +216,9 @@ def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
                 else:
                     conn.execute(sa.text("UPDATE schema_version SET version = :v"), {"v": version})
         except sa.exc.SQLAlchemyError:
-            # SQLite has no advisory lock: another process may have applied this step
-            # first (our DDL then failed and rolled back). Anything else is real.
+            # Another process may have applied this step first (SQLite serializes the
+            # migrations with its write lock, PostgreSQL with the advisory lock, so this
+            # is a second line of defence). Anything else is real.
             with engine.connect() as conn:
                 if schema_version(conn) < version:
                     raise
@@ -236,6 +260,20 @@ _images = sa.Table(
     sa.Column("position", sa.Integer, primary_key=True),
     sa.Column("sha256", sa.String(64)),
 )
+_files = sa.Table(
+    "image_files", _md,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("refs", sa.Integer),
+)
+
+
+def _writing(engine: Engine) -> Engine:
+    """`engine` whose transactions take SQLite's write lock when they begin."""
+    return engine.execution_options(sqlite_immediate=True)
+
+
+class LimitReached(StoreError):
+    """A per-user quota would be exceeded."""
 
 
 class ImageDir:
@@ -283,6 +321,7 @@ class ConceptStore:
         root.mkdir(parents=True, exist_ok=True)
         url = normalize_url(config.database_url or f"sqlite:///{root / 'concepts.db'}")
         self.engine = _make_engine(url)
+        self._writer = _writing(self.engine)
         self.images = ImageDir(root / "images")
         self.version = migrate(self.engine)
 
@@ -294,12 +333,15 @@ class ConceptStore:
     def create_user(self, name: str, *, is_admin: bool = False) -> User:
         if not name or len(name) > 64:
             raise StoreError(f"user name must be 1-64 characters, got {name!r}")
-        with self.engine.begin() as conn:
-            if conn.execute(sa.select(_users.c.id).where(_users.c.name == name)).first():
-                raise StoreError(f"user {name!r} already exists")
-            uid = conn.execute(
-                _users.insert().values(name=name, is_admin=is_admin, created_at=time.time())
-            ).inserted_primary_key[0]
+        try:
+            with self._writer.begin() as conn:
+                if conn.execute(sa.select(_users.c.id).where(_users.c.name == name)).first():
+                    raise StoreError(f"user {name!r} already exists")
+                uid = conn.execute(
+                    _users.insert().values(name=name, is_admin=is_admin, created_at=time.time())
+                ).inserted_primary_key[0]
+        except sa.exc.IntegrityError:  # a concurrent create of the same name won
+            raise StoreError(f"user {name!r} already exists") from None
         return User(id=int(uid), name=name, is_admin=is_admin)
 
     def get_user(self, name: str) -> User | None:
@@ -341,28 +383,57 @@ class ConceptStore:
     # -- concepts (always scoped by user_id) -------------------------------
 
     def add_concept(
-        self, user_id: int, name: str, category: str, info: str, images: list[bytes]
+        self, user_id: int, name: str, category: str, info: str, images: list[bytes],
+        *, max_concepts: int | None = None,
     ) -> Concept:
-        """Store a concept with its reference images (already validated bytes)."""
+        """Store a concept with its reference images (already validated bytes).
+
+        `max_concepts`: the user's quota, counted in the same transaction as the insert
+        (concurrent adds of one user are serialized), so it holds under concurrency."""
         if not images:
             raise StoreError(f"concept {name!r}: needs at least one reference image")
-        # Files first: a crash between the two steps leaves an unreferenced file
-        # (harmless), never a row pointing at a missing file.
-        hashes = [self.images.put(data) for data in images]
+        hashes = [hashlib.sha256(data).hexdigest() for data in images]
         now = time.time()
-        with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(_concepts.c.id).where(
-                _concepts.c.user_id == user_id, _concepts.c.name == name)).first()
-            if exists:
-                raise StoreError(f"concept {name!r} already exists")
-            cid = conn.execute(_concepts.insert().values(
-                user_id=user_id, name=name, category=category, info=info, created_at=now,
-            )).inserted_primary_key[0]
-            conn.execute(_images.insert(), [
-                {"concept_id": cid, "position": i, "sha256": h} for i, h in enumerate(hashes)
-            ])
+        try:
+            with self._writer.begin() as conn:
+                # Lock the owner's row: this user's adds run one at a time.
+                conn.execute(sa.select(_users.c.id).where(_users.c.id == user_id).with_for_update())
+                if conn.execute(sa.select(_concepts.c.id).where(
+                        _concepts.c.user_id == user_id, _concepts.c.name == name)).first():
+                    raise StoreError(f"concept {name!r} already exists")
+                if max_concepts is not None:
+                    count = conn.execute(sa.select(sa.func.count()).select_from(_concepts)
+                                         .where(_concepts.c.user_id == user_id)).scalar_one()
+                    if count >= max_concepts:
+                        raise LimitReached(f"concept limit reached ({max_concepts} per user); "
+                                           "delete one first")
+                cid = conn.execute(_concepts.insert().values(
+                    user_id=user_id, name=name, category=category, info=info, created_at=now,
+                )).inserted_primary_key[0]
+                conn.execute(_images.insert(), [
+                    {"concept_id": cid, "position": i, "sha256": h} for i, h in enumerate(hashes)
+                ])
+                self._add_refs(conn, hashes)
+                # Written while this transaction holds the file's reference row: a
+                # concurrent delete of the last other reference waits or went first.
+                for data in images:
+                    self.images.put(data)
+        except sa.exc.IntegrityError:
+            # Two adds of one name that both passed the check (the unique constraint
+            # decides): the loser gets the same answer as a sequential duplicate.
+            raise StoreError(f"concept {name!r} already exists") from None
         return Concept(id=int(cid), name=name, category=category, info=info,
                        image_sha256=hashes, created_at=now)
+
+    def _add_refs(self, conn: Connection, hashes: list[str]) -> None:
+        counts: dict[str, int] = {}
+        for h in hashes:
+            counts[h] = counts.get(h, 0) + 1
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        for sha, n in sorted(counts.items()):  # a fixed order: no lock-order deadlocks
+            stmt = insert(_files).values(sha256=sha, refs=n)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[_files.c.sha256], set_={"refs": _files.c.refs + n}))
 
     def count_concepts(self, user_id: int) -> int:
         with self.engine.connect() as conn:
@@ -402,7 +473,7 @@ class ConceptStore:
 
     def delete_concept(self, user_id: int, name: str) -> bool:
         """Delete the user's concept; image files no other concept uses go too."""
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             row = conn.execute(sa.select(_concepts.c.id).where(
                 _concepts.c.user_id == user_id, _concepts.c.name == name)).first()
             if row is None:
@@ -411,10 +482,19 @@ class ConceptStore:
                 sa.select(_images.c.sha256).where(_images.c.concept_id == row.id))]
             conn.execute(_images.delete().where(_images.c.concept_id == row.id))
             conn.execute(_concepts.delete().where(_concepts.c.id == row.id))
-            still_used = {sha for (sha,) in conn.execute(
-                sa.select(_images.c.sha256).where(_images.c.sha256.in_(hashes)))}
-        for sha in set(hashes) - still_used:
-            self.images.delete(sha)
+            unused = []
+            for sha in sorted(set(hashes)):
+                n = hashes.count(sha)
+                left = conn.execute(_files.update().where(_files.c.sha256 == sha)
+                                    .values(refs=_files.c.refs - n)
+                                    .returning(_files.c.refs)).scalar_one_or_none()
+                if left is not None and left <= 0:
+                    conn.execute(_files.delete().where(_files.c.sha256 == sha))
+                    unused.append(sha)
+            # Last, still holding the rows' locks: an add of the same bytes waits for
+            # this commit and then writes the file again.
+            for sha in unused:
+                self.images.delete(sha)
         return True
 
 
@@ -424,10 +504,18 @@ def _make_engine(url: str) -> Engine:
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
+            # SQLAlchemy, not the sqlite3 module, begins transactions (below): the
+            # module's own handling commits before DDL, so migrations were not atomic.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
             cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn):
+            immediate = conn.get_execution_options().get("sqlite_immediate")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True)

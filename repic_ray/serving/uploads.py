@@ -8,11 +8,13 @@ that do not decode, 422 a malformed name or too many concepts.
 from __future__ import annotations
 
 import io
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image
+from starlette.exceptions import HTTPException
 
 from repic_ray.data.images import ImageError, image_from_bytes
 
@@ -34,6 +36,10 @@ class LimitsConfig:
     """Reference images per concept."""
     max_concepts_per_caption: int = 4
     """Concepts named in (or retrieved for) one caption request."""
+    max_request_bytes: int | None = None
+    """Largest request body, counted while it streams in (413 as soon as it is
+    exceeded, or at once from Content-Length). None: max_images_per_concept x
+    max_upload_bytes plus 1 MiB for the form fields and multipart framing."""
     name_pattern: str = r"[A-Za-z][A-Za-z0-9_-]{0,31}"
     """Syntax of a concept name (full match)."""
     max_info_chars: int = 500
@@ -46,12 +52,62 @@ class LimitsConfig:
                      "max_images_per_concept", "max_concepts_per_caption"):
             if getattr(self, name) < 1:
                 raise ValueError(f"limits.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_request_bytes is not None and self.max_request_bytes < 1:
+            raise ValueError(f"limits.max_request_bytes: must be >= 1, got {self.max_request_bytes}")
         if not self.formats:
             raise ValueError("limits.formats: must list at least one format")
         try:
             re.compile(self.name_pattern)
         except re.error as exc:
             raise ValueError(f"limits.name_pattern: not a regular expression: {exc}") from None
+
+
+    def request_bytes(self) -> int:
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return self.max_images_per_concept * self.max_upload_bytes + (1 << 20)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over `max_bytes` with 413 before it is
+    buffered. A declared Content-Length over the limit is refused without reading a
+    byte; a body without one (chunked) is counted as it arrives and cut off at the
+    first chunk past the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _send_413(send, f"request body of {int(declared)} bytes exceeds the "
+                                         f"limit of {self.max_bytes} bytes")
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, f"request body exceeds the limit of "
+                                             f"{self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+
+async def _send_413(send, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class UploadError(ValueError):
@@ -92,7 +148,11 @@ def check_image(data: bytes, filename: str, limits: LimitsConfig) -> Image.Image
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt, (w, h) = img.format, img.size
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        # PIL refuses to even open an image over twice Image.MAX_IMAGE_PIXELS.
+        raise UploadError(413, f"{label}: too many pixels ({exc}); the limit is "
+                               f"{limits.max_pixels}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise UploadError(400, f"{label}: not a readable image ({type(exc).__name__})") from None
     if fmt not in limits.formats:
         raise UploadError(415, f"{label}: format {fmt} is not accepted "

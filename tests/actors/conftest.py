@@ -16,7 +16,7 @@ def ray_local():
 
     assert not ray.is_initialized(), "another test module left Ray running"
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "REPIC_CACHE", "TORCH_EXTENSIONS_DIR",
-                                        "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM") if k in os.environ}
+                                        "TOKENIZERS_PARALLELISM") if k in os.environ}
     env["PYTHONPATH"] = str(REPO)
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": env})

@@ -21,7 +21,7 @@ def run_bench(tmp_path, child_env):
         env = child_env(PYTHONPATH=str(REPO))
         for key, value in (("HF_HUB_OFFLINE", "1"), ("REPIC_CACHE", str(REPO / ".cache" / "repic")),
                            ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-                           ("VLLM_CPU_KVCACHE_SPACE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+                           ("TOKENIZERS_PARALLELISM", "false")):
             env.setdefault(key, value)
         proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,

@@ -215,6 +215,30 @@ def test_submit_job_sh_surfaces_a_bad_config_as_a_failed_job(head):
     assert "python -m recipes.cli train --config configs/tiny_cpu.yaml" in info.entrypoint
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_submit_job_sh_runs_a_two_step_training_job(head, tmp_path):
+    """The README's multi-node path end to end: a real (2-step) `repic train` as a Ray job
+    on the head node, from the uploaded project, with its outputs checked."""
+    sid = f"train-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "run"
+    env = {**head.env, "RAY_ADDRESS": head.dashboard, "RAY": RAY, "REPIC_JOB_ARGS": f"--submission-id {sid}"}
+    proc = subprocess.run(
+        [str(SUBMIT), "configs/tiny_cpu.yaml", "--trainer.steps", "2", "--trainer.output_dir", str(out),
+         "--trainer.eval_before", "false", "--data.eval_max_per_k", "1", "--algo.prompts_per_step", "2",
+         "--trainer.progress_bar", "false"],
+        env=env, cwd=tempfile.gettempdir(), check=False, capture_output=True, text=True, timeout=1100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert job_status(head, sid) == "SUCCEEDED"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["train/loss"] == r["train/loss"] and r["rollout/samples"] > 0 for r in rows)
+    assert (out / "checkpoints" / "step_000002" / "manifest.json").exists()  # sealed
+    assert (out / "final" / "model" / "model.safetensors").exists()
+    assert (out / "report.md").exists()
+
+
 def run_submit(args: list[str], **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run([str(SUBMIT), *args], env={**base, **env}, check=False, capture_output=True, text=True, timeout=30)

@@ -109,6 +109,20 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_order(engine, 
     ]
 
 
+def test_seeded_batch_larger_than_one_engine_step(engine, requests, sampled):
+    """A seeded batch whose prompts exceed `max_num_batched_tokens` (8192) in total runs
+    and samples what the small batch did: prompts are never split across steps (split, a
+    seeded prompt failed with "CPU Generator does not use offset")."""
+    big = [RolloutRequest(f"{r.uid}-copy{i}", r.prompt_text, r.image_paths, n=8)
+           for i in range(8) for r in requests]
+    prompt_tokens = sum(8 * len(engine.tokenizer(r.prompt_text).input_ids) for r in big)
+    assert prompt_tokens > engine.cfg.max_num_batched_tokens  # image tokens come on top
+    out = engine.generate(big + requests, SAMPLING)
+    again = {r.uid: r for r in out}
+    for res in sampled:
+        assert [c.token_ids for c in again[res.uid].completions] == [c.token_ids for c in res.completions]
+
+
 def test_stop_string_cuts_text_and_sampling(engine, requests, sampled):
     # Stop on a piece of a completion seen above: with the same seed the engine samples the
     # same tokens until the piece appears, then stops and drops it from the text.

@@ -191,3 +191,107 @@ def test_state_survives_app_restart(tmp_path, backend):
     client, _ = make_client(tmp_path, backend)  # a new store and app on the same root
     assert [c["name"] for c in client.get("/v1/concepts", headers=key).json()] == ["Bo"]
     assert client.get("/v1/concepts/Bo/images/0", headers=key).content == png("red")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with one empty IDAT: ~60 bytes that a
+    naive decoder would inflate into width*height*3 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_413_before_decoding(env):
+    client, keys, _ = env
+    # 30000 x 30000 = 9e8 pixels: over twice PIL's MAX_IMAGE_PIXELS, so PIL refuses to
+    # even open it; the answer is still "too many pixels", not "unreadable".
+    bomb = _png_header_only(30000, 30000)
+    res = client.post("/v1/concepts", data={"name": "Bomb"}, headers=keys["alice"],
+                      files=[("images", ("bomb.png", bomb, "image/png"))])
+    assert res.status_code == 413 and "pixels" in res.json()["detail"], res.text
+    res = client.post("/v1/captions", headers=keys["alice"],
+                      files={"image": ("bomb.png", bomb, "image/png")})
+    assert res.status_code == 413, res.text
+    # Over this API's limit (512*512) but under PIL's: refused from the header as well.
+    res = client.post("/v1/captions", headers=keys["alice"],
+                      files={"image": ("wide.png", _png_header_only(4000, 4000), "image/png")})
+    assert res.status_code == 413 and "16000000 pixels" in res.json()["detail"], res.text
+
+
+def test_readiness_and_caption_timeout(tmp_path, backend):
+    store = ConceptStore(StoreConfig(root=str(tmp_path)))
+    store.create_user("u")
+    key = {"X-API-Key": store.create_api_key("u")}
+    # A caption budget no real generation meets: a clear 504, and the API keeps serving.
+    client = TestClient(build_app(store, backend, ApiConfig(limits=LIMITS, default_top_k=1,
+                                                            caption_timeout_s=0.001)))
+    assert client.get("/readyz").json() == {"ready": True}
+    res = client.post("/v1/captions", headers=key,
+                      files={"image": ("q.png", png("red"), "image/png")})
+    assert res.status_code == 504 and "caption_timeout_s" in res.json()["detail"], res.text
+    assert client.get("/v1/me", headers=key).status_code == 200
+
+
+def test_request_body_limit_is_enforced_while_streaming(tmp_path, backend):
+    import asyncio
+
+    store = ConceptStore(StoreConfig(root=str(tmp_path)))
+    store.create_user("u")
+    key = store.create_api_key("u").encode()
+    limits = LimitsConfig(max_upload_bytes=200_000, max_images_per_concept=1,
+                          max_request_bytes=300_000)
+    app = build_app(store, backend, ApiConfig(limits=limits, default_top_k=1))
+    # Declared too large: refused before a byte of the body is read.
+    client = TestClient(app)
+    res = client.post("/v1/captions", headers={"X-API-Key": key.decode(),
+                                               "Content-Length": "50000000"}, content=b"")
+    assert res.status_code == 413 and "50000000 bytes" in res.json()["detail"], res.text
+
+    # No Content-Length (chunked): the ASGI app pulls 64 KiB chunks of an endless but
+    # well-formed multipart upload; it must answer 413 after the first chunk past the
+    # limit, not read on.
+    boundary = b"b0undary"
+    head = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="images"; '
+            b'filename="a.png"\r\nContent-Type: image/png\r\n\r\n')
+    pulled, sent = 0, []
+
+    async def receive():
+        nonlocal pulled
+        pulled += 1
+        chunk = head + b"x" * (65536 - len(head)) if pulled == 1 else b"x" * 65536
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/concepts", "raw_path": b"/v1/concepts",
+             "query_string": b"", "root_path": "", "server": ("test", 80), "client": ("c", 1),
+             "headers": [(b"x-api-key", key),
+                         (b"content-type", b"multipart/form-data; boundary=" + boundary)]}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 60))
+    assert sent[0]["status"] == 413
+    assert pulled == 300_000 // 65536 + 1  # 5 chunks: the 5th crosses 300000 bytes
+
+
+def test_a_model_failing_mid_request_is_a_clear_503_and_loses_nothing(tmp_path, tiny_retriever_models):
+    retriever = ConceptRetriever(RetrieverConfig(box_threshold=0.0), *tiny_retriever_models)
+    captioner = HFCaptioner(CaptionerConfig(max_new_tokens=2, model_version="tiny-503"))
+    client, store = make_client(tmp_path, LocalBackend(retriever, captioner))
+    store.create_user("u")
+    key = {"X-API-Key": store.create_api_key("u")}
+    assert add(client, key, "Bo").status_code == 201
+    q = {"image": ("q.png", png("red"), "image/png")}
+    model, captioner.model = captioner.model, None  # the engine is gone (a replica shutting down)
+    res = client.post("/v1/captions", data={"concepts": "Bo"}, files=q, headers=key)
+    assert res.status_code == 503 and "try again" in res.json()["detail"], res.text
+    assert res.headers["retry-after"] == "5"
+    captioner.model = model  # back: the retry succeeds and the concept is intact
+    res = client.post("/v1/captions", data={"concepts": "Bo"}, files=q, headers=key)
+    assert res.status_code == 200 and res.json()["concepts"][0]["name"] == "Bo"

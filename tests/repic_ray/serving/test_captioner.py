@@ -16,6 +16,7 @@ from repic_ray.serving.captioner import (
     HFCaptioner,
     VLLMCaptioner,
     caption_text,
+    engine_kwargs,
     model_version,
     prompt_images,
 )
@@ -43,6 +44,21 @@ def test_prompt_puts_named_references_before_the_query():
     assert "Output the final answer including its name." in text[last_image:]
     images = prompt_images(png("green", (900, 900)), REFS, max_pixels=448 * 448)
     assert len(images) == 4 and images[-1].size == (448, 448)
+
+
+def test_engine_memory_is_explicit_and_validated():
+    # The KV cache is sized by the config, never by the machine's free RAM or an
+    # environment variable: 0.5 GiB -> 0.5 * 2**30 bytes.
+    kwargs = engine_kwargs(CaptionerConfig(kv_cache_gib=0.5, max_model_len=2048))
+    assert kwargs["kv_cache_memory_bytes"] == 2**29
+    assert kwargs["max_num_batched_tokens"] == 8192  # max(max_model_len, 8192)
+    gpu = engine_kwargs(CaptionerConfig(kv_cache_gib=None, gpu_memory_utilization=0.6))
+    assert "kv_cache_memory_bytes" not in gpu and gpu["gpu_memory_utilization"] == 0.6
+    for bad, field_name in (({"kv_cache_gib": 0}, "kv_cache_gib"),
+                            ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+                            ({"max_num_batched_tokens": 100}, "max_num_batched_tokens")):
+        with pytest.raises(ValueError, match=f"captioner.{field_name}"):
+            CaptionerConfig(**bad)
 
 
 def test_model_version_names_checkpoint_and_adapter(tmp_path):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +15,7 @@ import sqlalchemy as sa
 from repic_ray.serving.store import (
     SCHEMA_VERSION,
     ConceptStore,
+    LimitReached,
     StoreConfig,
     StoreError,
     migrate,
@@ -110,9 +114,12 @@ def test_upgrade_from_v1_keeps_concepts(config, tmp_path):
         assert schema_version(conn) == 1
     engine.dispose()
     store = ConceptStore(config)  # opening upgrades
-    assert store.version == SCHEMA_VERSION == 2
+    assert store.version == SCHEMA_VERSION == 3
     [bo] = store.list_concepts(store.get_user("alice").id)
     assert (bo.info, bo.image_sha256) == ("v1 info", hashes)
+    with store.engine.connect() as conn:  # v3 counted the references of each file
+        refs = dict(conn.execute(sa.text("SELECT sha256, refs FROM image_files")).all())
+    assert refs == {h: 1 for h in hashes}
     with store.engine.connect() as conn:
         columns = {c["name"] for c in sa.inspect(conn).get_columns("concepts")}
     assert "images" not in columns
@@ -133,3 +140,85 @@ def test_config_and_bad_input(monkeypatch, tmp_path):
     monkeypatch.setenv("REPIC_CACHE", str(tmp_path))
     assert StoreConfig().resolved_root() == tmp_path / "serve"
     assert normalize_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def _race(n: int, fn) -> list:
+    """Run fn(i) for i < n in n threads released together; results or exceptions."""
+    barrier = threading.Barrier(n)
+
+    def call(i):
+        barrier.wait()
+        try:
+            return fn(i)
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            return exc
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(call, range(n)))
+
+
+def test_concurrent_duplicates_and_quota_are_refused_cleanly(config):
+    store = ConceptStore(config)
+    alice, bob = store.create_user("alice"), store.create_user("bob")
+    # 8 adds of one name at once: one wins, the others get the duplicate error.
+    out = _race(8, lambda i: store.add_concept(alice.id, "Bo", "dog", "", [b"img%d" % i]))
+    errors = [o for o in out if isinstance(o, Exception)]
+    assert len(out) - len(errors) == 1
+    assert all(type(e) is StoreError and "already exists" in str(e) for e in errors), errors
+    # 8 different names against a quota of 3: exactly 3 stored, counted in the insert's
+    # transaction (a count taken before it lets all 8 through).
+    out = _race(8, lambda i: store.add_concept(bob.id, f"C{i}", "dog", "", [b"x"],
+                                               max_concepts=3))
+    assert sum(not isinstance(o, Exception) for o in out) == 3
+    assert all(isinstance(o, LimitReached) for o in out if isinstance(o, Exception)), out
+    assert store.count_concepts(bob.id) == 3
+    out = _race(4, lambda i: store.create_user("carol"))
+    assert sum(not isinstance(o, Exception) for o in out) == 1
+    assert all("already exists" in str(o) for o in out if isinstance(o, Exception))
+
+
+def test_delete_never_removes_a_file_another_concept_uses(config):
+    store = ConceptStore(config)
+    alice, bob = store.create_user("alice"), store.create_user("bob")
+    shared = b"the same photo"
+    sha = hashlib.sha256(shared).hexdigest()
+    stop = threading.Event()
+
+    def churn():  # alice adds and deletes a concept holding the shared bytes
+        while not stop.is_set():
+            store.add_concept(alice.id, "Bo", "dog", "", [shared])
+            store.delete_concept(alice.id, "Bo")
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(40):
+            store.add_concept(bob.id, "Mo", "dog", "", [shared])
+            # While bob holds a reference, the file is there, whatever alice does.
+            assert store.concept_image(bob.id, "Mo", 0) == shared
+            store.delete_concept(bob.id, "Mo")
+    finally:
+        stop.set()
+        t.join()
+    assert store.list_concepts(alice.id) == [] and not store.images.exists(sha)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM image_files")).scalar_one() == 0
+
+
+def _open_store(config: StoreConfig, barrier) -> int:
+    barrier.wait()
+    store = ConceptStore(config)
+    store.close()
+    return store.version
+
+
+def test_two_replicas_migrate_one_database_at_once(config):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(2)
+    with ctx.Pool(2) as pool:
+        versions = pool.starmap(_open_store, [(config, barrier)] * 2)
+    assert versions == [SCHEMA_VERSION, SCHEMA_VERSION]
+    store = ConceptStore(config)
+    user = store.create_user("alice")
+    store.add_concept(user.id, "Bo", "dog", "", [b"x"])
+    assert [c.name for c in store.list_concepts(user.id)] == ["Bo"]

@@ -1,0 +1,95 @@
+"""`repic train` killed with SIGKILL (mid-run, and mid-save) and continued with
+`repic train --resume` in a new process ends with the metrics of an uninterrupted run:
+rollout rewards (before the update) and the learner's loss, KL and grad norm (after it)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 3
+ARGS = ["train", "--config", "configs/tiny_cpu.yaml", "--trainer.steps", str(STEPS),
+        "--trainer.checkpoint_every", "1", "--trainer.eval_before", "false",
+        "--data.eval_max_per_k", "1", "--algo.prompts_per_step", "2",
+        "--trainer.progress_bar", "false", "--trainer.tensorboard", "false"]
+
+
+def metrics(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # Wall-clock timings differ between runs; everything else must not.
+    return [{k: v for k, v in r.items()
+             if not k.startswith(("time/", "perf/")) and not k.endswith(("_s", "_per_s"))}
+            for r in rows]
+
+
+def assert_same(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            va, vb = ra[k], rb[k]
+            if isinstance(va, float) and isinstance(vb, float):
+                assert math.isclose(va, vb, rel_tol=1e-4, abs_tol=1e-6), (ra["step"], k, va, vb)
+            else:
+                assert va == vb, (ra["step"], k)
+
+
+@pytest.fixture(scope="module")
+def train(child_env):
+    def start(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "recipes.cli", *ARGS,
+                                 "--trainer.output_dir", str(out), *extra], cwd=REPO,
+                                env=child_env(HF_HUB_OFFLINE="1"), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=(out.parent / f"{out.name}.log").open("w"))
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, train) -> list[dict]:
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    proc = train(out)
+    assert proc.wait(timeout=1500) == 0, (out.parent / "whole.log").read_text()[-3000:]
+    return metrics(out)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 1200) -> None:
+    """SIGKILL the run's whole process group (driver, Ray, actors) once `ready()`."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_killed_train_resumes_to_the_same_metrics(tmp_path, train, uninterrupted):
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    # 1. Killed mid-save: step 1 sealed, a later checkpoint's temporary folder exists.
+    proc = train(out)
+    kill_when(proc, lambda: (ckpts / "step_000001" / "manifest.json").exists()
+              and any(ckpts.glob("step_*.tmp")))
+    # 2. Resumed in a new process (the leftover is removed), then killed mid-run: step 2
+    #    sealed again, step 3 under way.
+    proc = train(out, "--resume")
+    kill_when(proc, lambda: (ckpts / "step_000002" / "manifest.json").exists()
+              and not any(ckpts.glob("step_*.tmp")))
+    # 3. Resumed again, to the end.
+    resumed = train(out, "--resume")
+    assert resumed.wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert not list(ckpts.glob("*.tmp"))
+    resumed_metrics = metrics(out)
+    assert {"reward/total_mean", "train/loss", "train/kl", "train/grad_norm"} <= resumed_metrics[-1].keys()
+    assert_same(resumed_metrics, uninterrupted)

@@ -16,9 +16,10 @@
     GET    /v1/me, /healthz, /          who am I, liveness, the web page
 
 Every concept route is scoped to the user that the `X-API-Key` header (or
-`Authorization: Bearer KEY`, as OpenAI clients send it) authenticates; another user's concept is indistinguishable from a missing one
-(404). The models sit behind a `Backend` (the Serve deployments' handles in
-production, the plain classes in tests), so this module never imports Ray.
+`Authorization: Bearer KEY`, as OpenAI clients send it) authenticates; another
+user's concept is indistinguishable from a missing one (404). The models sit
+behind a `Backend` (the Serve deployments' handles in production, the plain
+classes in tests), so this module never imports Ray.
 """
 
 # No `from __future__ import annotations` here: FastAPI must evaluate the route

@@ -210,23 +210,6 @@ def test_web_page_register_and_caption(service, tmp_path):
         browser.close()
 
 
-@pytest.mark.slow
-def test_data_survives_redeploying_the_app(service):
-    from ray import serve
-
-    base, root, admin, deploy = service
-    erin = _user(base, admin, "erin")
-    assert _add(base, erin, "Bo", "red", "dog").status_code == 201
-    serve.delete("repic")
-    assert httpx.get(f"{base}/healthz").status_code == 404
-    # A fresh application (the HF engine, to keep the test short) on the same store.
-    deploy(_config(root, engine="hf"))
-    assert [c["name"] for c in httpx.get(f"{base}/v1/concepts", headers=erin).json()] == ["Bo"]
-    res = httpx.post(f"{base}/v1/captions", headers=erin, data={"concepts": "Bo"},
-                     files={"image": ("q.png", png("red"), "image/png")}, timeout=120)
-    assert res.status_code == 200 and res.json()["model"] == "tiny-hf"
-
-
 def _data_url(data: bytes) -> dict:
     import base64
 
@@ -236,9 +219,9 @@ def _data_url(data: bytes) -> dict:
 
 @pytest.mark.slow
 def test_openai_client_and_streaming(service):
-    """The `openai` client against the Serve app: stored and inline concepts, a stream
-    through the Captioner's streaming handle, isolation, a refused input; and
-    /v1/captions?stream=true."""
+    """The `openai` client against the Serve app (vLLM engine; this test must run before
+    the redeploy to HF below): stored and inline concepts, a stream through the
+    Captioner's streaming handle, isolation, a refused input; /v1/captions?stream=true."""
     import json
 
     import openai
@@ -295,3 +278,20 @@ def test_openai_client_and_streaming(service):
     assert kinds[0] == "concepts" and kinds[-1] == "done" and kinds.count("delta") > 1
     assert "".join(d["text"] for e, d in events if e == "delta") == caption
     assert events[-1][1]["caption"] == caption
+
+
+@pytest.mark.slow
+def test_data_survives_redeploying_the_app(service):
+    from ray import serve
+
+    base, root, admin, deploy = service
+    erin = _user(base, admin, "erin")
+    assert _add(base, erin, "Bo", "red", "dog").status_code == 201
+    serve.delete("repic")
+    assert httpx.get(f"{base}/healthz").status_code == 404
+    # A fresh application (the HF engine, to keep the test short) on the same store.
+    deploy(_config(root, engine="hf"))
+    assert [c["name"] for c in httpx.get(f"{base}/v1/concepts", headers=erin).json()] == ["Bo"]
+    res = httpx.post(f"{base}/v1/captions", headers=erin, data={"concepts": "Bo"},
+                     files={"image": ("q.png", png("red"), "image/png")}, timeout=120)
+    assert res.status_code == 200 and res.json()["model"] == "tiny-hf"

@@ -15,6 +15,7 @@ from repic_ray.serving.captioner import (
     CaptionerConfig,
     HFCaptioner,
     VLLMCaptioner,
+    _VisibleText,
     caption_text,
     model_version,
     prompt_images,
@@ -43,6 +44,17 @@ def test_prompt_puts_named_references_before_the_query():
     assert "Output the final answer including its name." in text[last_image:]
     images = prompt_images(png("green", (900, 900)), REFS, max_pixels=448 * 448)
     assert len(images) == 4 and images[-1].size == (448, 448)
+
+
+def test_streamed_pieces_join_to_the_stripped_caption():
+    visible = _VisibleText()
+    # The engine's cumulative text: leading space dropped, trailing space held back
+    # until more text comes, dropped at the end.
+    steps = [(" ", False), (" Bo", False), (" Bo ", False), (" Bo naps", False),
+             (" Bo naps \n", True)]
+    pieces = [visible.piece(text, final) for text, final in steps]
+    assert pieces == ["", "Bo", "", " naps", ""]
+    assert "".join(pieces) == visible.sent == " Bo naps \n".strip()
 
 
 def test_model_version_names_checkpoint_and_adapter(tmp_path):

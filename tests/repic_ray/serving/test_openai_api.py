@@ -125,6 +125,14 @@ def test_stored_and_inline_concepts_use_the_trained_prompt(env):
         "length" if both.usage.completion_tokens == 3 else "stop")
 
 
+def test_seeded_sampling_repeats(env):
+    _, alice, _, _ = env
+    kwargs = {"model": MODEL, "messages": user(image_part(png("red"))), "temperature": 1.0,
+              "seed": 7, "extra_body": {"concepts": ["Bo"]}}
+    first, again = (alice.chat.completions.create(**kwargs) for _ in range(2))
+    assert first.choices[0].message.content == again.choices[0].message.content
+
+
 def test_retrieval_and_isolation(env):
     _, alice, bob, _ = env
     res = alice.chat.completions.create(

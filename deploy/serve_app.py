@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -26,7 +27,14 @@ from repic_ray.serving.captioner import CaptionerConfig, HFCaptioner, VLLMCaptio
 from repic_ray.serving.config import ServeConfig
 from repic_ray.serving.retriever import ConceptRetriever, RetrieverConfig
 from repic_ray.serving.store import ConceptStore
-from repic_ray.serving.types import CaptionResult, Match, ReferenceConcept
+from repic_ray.serving.types import (
+    CaptionDelta,
+    CaptionOptions,
+    CaptionResult,
+    Match,
+    ModelInfo,
+    ReferenceConcept,
+)
 
 # Defaults for a small CPU cluster; deploy/serve.yaml (or `repic serve --config`)
 # overrides them per deployment.
@@ -65,11 +73,27 @@ class Captioner:
         self.engine = VLLMCaptioner(cfg) if engine == "vllm" else HFCaptioner(cfg)
         self._hf_lock = asyncio.Lock()
 
-    async def caption(self, query: bytes, concepts: list[ReferenceConcept]) -> CaptionResult:
+    async def caption(self, query: bytes, concepts: list[ReferenceConcept],
+                      options: CaptionOptions | None = None) -> CaptionResult:
         if isinstance(self.engine, VLLMCaptioner):
-            return await self.engine.caption(query, concepts)
+            return await self.engine.caption(query, concepts, options)
         async with self._hf_lock:
-            return await asyncio.to_thread(self.engine.caption, query, concepts)
+            return await asyncio.to_thread(self.engine.caption, query, concepts, options)
+
+    async def caption_stream(self, query: bytes, concepts: list[ReferenceConcept],
+                             options: CaptionOptions | None = None
+                             ) -> AsyncIterator[CaptionDelta]:
+        """Streamed through the handle (`options(stream=True)`): the vLLM engine's
+        pieces as it generates them; the HF engine's caption as one piece."""
+        if isinstance(self.engine, VLLMCaptioner):
+            async for delta in self.engine.caption_stream(query, concepts, options):
+                yield delta
+            return
+        result = await self.caption(query, concepts, options)
+        yield CaptionDelta(result.caption, result)
+
+    def models(self) -> list[ModelInfo]:
+        return [self.engine.model_info()]
 
     async def ready(self) -> None:
         """Answers once the engine is built (the constructor returned)."""
@@ -96,8 +120,20 @@ class HandleBackend:
                     ) -> list[Match]:
         return await self.retriever.match.remote(query, concepts, top_k)
 
-    async def caption(self, query: bytes, concepts: list[ReferenceConcept]) -> CaptionResult:
-        return await self.captioner.caption.remote(query, concepts)
+    async def caption(self, query: bytes, concepts: list[ReferenceConcept],
+                      options: CaptionOptions | None = None) -> CaptionResult:
+        return await self.captioner.caption.remote(query, concepts, options)
+
+    async def caption_stream(self, query: bytes, concepts: list[ReferenceConcept],
+                             options: CaptionOptions | None = None
+                             ) -> AsyncIterator[CaptionDelta]:
+        stream = self.captioner.options(stream=True).caption_stream.remote(
+            query, concepts, options)
+        async for delta in stream:
+            yield delta
+
+    async def models(self) -> list[ModelInfo]:
+        return await self.captioner.models.remote()
 
     async def ready(self) -> None:
         await self.captioner.ready.remote()

@@ -7,36 +7,58 @@
     GET    /v1/concepts/{name}/images/{i}  a reference image
     DELETE /v1/concepts/{name}          delete it (and images no one else uses)
     POST   /v1/captions                 caption an image (multipart: image, and either
-                                        concepts="Bo,Mo" or top_k=N for retrieval)
+                                        concepts="Bo,Mo" or top_k=N for retrieval;
+                                        ?stream=true: server-sent events)
+    POST   /v1/chat/completions         the same, OpenAI-compatible (`openai_api.py`)
+    GET    /v1/models                   the served model version (OpenAI-compatible)
     POST   /v1/admin/users              create a user and its first key (admins only)
     POST   /v1/admin/users/{name}/keys  another key for a user (admins only)
     GET    /v1/me, /healthz, /readyz, / who am I, liveness, readiness (the caption
                                         engine answers), the web page
 
-Every concept route is scoped to the user that the `X-API-Key` header
-authenticates; another user's concept is indistinguishable from a missing one
-(404). The models sit behind a `Backend` (the Serve deployments' handles in
-production, the plain classes in tests), so this module never imports Ray.
+Every concept route is scoped to the user that the `X-API-Key` header (or
+`Authorization: Bearer KEY`, as OpenAI clients send it) authenticates; another
+user's concept is indistinguishable from a missing one (404). The models sit
+behind a `Backend` (the Serve deployments' handles in production, the plain
+classes in tests), so this module never imports Ray.
 """
 
 # No `from __future__ import annotations` here: FastAPI must evaluate the route
 # annotations, which name dependencies defined locally inside `build_app`.
 import asyncio
 import importlib.resources
+import json
+import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.security import APIKeyHeader
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from repic_ray.serving import openai_api
+from repic_ray.serving.errors import guarded
 from repic_ray.serving.store import Concept, ConceptStore, StoreError, User
-from repic_ray.serving.types import CaptionResult, Match, ReferenceConcept
+from repic_ray.serving.types import (
+    CaptionDelta,
+    CaptionOptions,
+    CaptionResult,
+    Match,
+    ModelInfo,
+    ReferenceConcept,
+)
 from repic_ray.serving.uploads import (
     BodyLimit,
     LimitsConfig,
@@ -46,6 +68,7 @@ from repic_ray.serving.uploads import (
     check_text,
 )
 
+logger = logging.getLogger(__name__)
 
 def default_static_dir() -> Path:
     """The web page shipped as package data of `repic_ray.serving` (`static/`)."""
@@ -84,8 +107,14 @@ class Backend(Protocol):
     async def match(self, query: bytes, concepts: list[ReferenceConcept], top_k: int
                     ) -> list[Match]: ...
 
-    async def caption(self, query: bytes, concepts: list[ReferenceConcept]
-                      ) -> CaptionResult: ...
+    async def caption(self, query: bytes, concepts: list[ReferenceConcept],
+                      options: CaptionOptions | None = None) -> CaptionResult: ...
+
+    def caption_stream(self, query: bytes, concepts: list[ReferenceConcept],
+                       options: CaptionOptions | None = None
+                       ) -> AsyncIterator[CaptionDelta]: ...
+
+    async def models(self) -> list[ModelInfo]: ...
 
     async def ready(self) -> None:
         """Returns once the caption engine answers; raises if it cannot."""
@@ -166,6 +195,86 @@ def _errors(*codes: int) -> dict:
             for c in (*codes, 422)}
 
 
+@dataclass
+class Selection:
+    """The concepts a caption request uses, in prompt order, and where they are."""
+
+    mode: str
+    """"explicit" (named or inline concepts) or "retrieval" (top-K stored concepts)."""
+    references: list[ReferenceConcept]
+    matches: list[MatchOut]
+    """One per reference, same order: category, similarity score and box."""
+
+
+async def select_concepts(store: ConceptStore, backend: Backend, config: ApiConfig,
+                          user: User, query: bytes, names: list[str], top_k: int | None,
+                          inline: list[ReferenceConcept] = ()) -> Selection:
+    """The user's stored concepts named in `names` (or the `top_k` nearest to `query`;
+    the default top-K when neither is given and nothing is `inline`), followed by the
+    `inline` reference concepts of the request. Raises UploadError / HTTPException."""
+    limits = config.limits
+    inline = list(inline)
+    names = list(dict.fromkeys(names))
+    if names and top_k is not None:
+        raise UploadError(422, "give either concepts or top_k, not both")
+    if len(names) > limits.max_concepts_per_caption:
+        raise UploadError(422, f"concepts: at most {limits.max_concepts_per_caption} "
+                               f"per caption, got {len(names)}")
+    for n in names:
+        check_name(n, limits)
+    inline_names = {c.name for c in inline}
+    if names:
+        clash = sorted(inline_names & set(names))
+        if clash:
+            raise UploadError(400, f"concept {', '.join(map(repr, clash))} is given both by "
+                                   "name and as inline reference images")
+        stored = await run_in_threadpool(store.list_concepts, user.id, names)
+        missing = sorted(set(names) - {c.name for c in stored})
+        if missing:
+            raise HTTPException(404, f"no concept named {', '.join(map(repr, missing))}")
+        mode, k = "explicit", len(stored)
+    elif top_k is not None or not inline:
+        k = config.default_top_k if top_k is None else top_k
+        if not 1 <= k <= limits.max_concepts_per_caption:
+            raise UploadError(422, f"top_k: must be in 1..{limits.max_concepts_per_caption}"
+                                   f", got {k}")
+        # An inline concept stands in for a stored one of the same name.
+        stored = [c for c in await run_in_threadpool(store.list_concepts, user.id)
+                  if c.name not in inline_names]
+        mode = "retrieval"
+    else:
+        stored, mode, k = [], "explicit", 0
+    if k + len(inline) > limits.max_concepts_per_caption:
+        raise UploadError(422, f"at most {limits.max_concepts_per_caption} concepts per "
+                               f"caption, got {k} stored + {len(inline)} inline")
+    refs = await run_in_threadpool(_references, store, stored)
+    candidates = refs + inline
+    # One matcher call scores every candidate: it ranks the stored ones for retrieval
+    # and gives every concept its box.
+    ranked = await backend.match(query, candidates, len(candidates)) if candidates else []
+    by_name = {r.name: r for r in candidates}
+    if mode == "retrieval":
+        stored_names = {r.name for r in refs}
+        refs = [by_name[m.name] for m in ranked if m.name in stored_names][:k]
+    else:
+        # Explicit names keep the user's order.
+        refs = [by_name[n] for n in names]
+    found = {m.name: m for m in ranked}
+    chosen = refs + inline
+    matches = []
+    for r in chosen:
+        m = found.get(r.name)
+        matches.append(MatchOut(name=r.name, category=r.category,
+                                score=m.score if m else None, box=m.box if m else None))
+    return Selection(mode, chosen, matches)
+
+
+def sse(data: dict | str, event: str = "") -> str:
+    """One server-sent event."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+
+
 def _concept_out(c: Concept) -> ConceptOut:
     return ConceptOut(
         name=c.name, category=c.category, info=c.info, num_images=len(c.image_sha256),
@@ -186,15 +295,38 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
     app.add_middleware(BodyLimit, max_bytes=limits.request_bytes())
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                   description="A key from `repic serve add-user`.")
+    bearer = HTTPBearer(auto_error=False, description="The same key, as OpenAI clients "
+                                                      "send it: `Authorization: Bearer KEY`.")
 
+    # The OpenAI-compatible routes answer errors in OpenAI's shape
+    # ({"error": {"message", "type", "param", "code"}}), the others in FastAPI's.
     @app.exception_handler(UploadError)
-    async def _upload_error(_: Request, exc: UploadError) -> JSONResponse:
+    async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
+        if openai_api.is_openai_route(request):
+            return openai_api.error_response(exc.status, str(exc), getattr(exc, "param", None))
         return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
-    def current_user(key: Annotated[str | None, Depends(api_key_header)]) -> User:
-        user = store.authenticate(key or "")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if openai_api.is_openai_route(request):
+            return openai_api.error_response(exc.status_code, str(exc.detail),
+                                             headers=exc.headers)
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        if openai_api.is_openai_route(request):
+            return openai_api.validation_error_response(exc)
+        return await request_validation_exception_handler(request, exc)
+
+    def current_user(
+        key: Annotated[str | None, Depends(api_key_header)],
+        token: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> User:
+        user = store.authenticate(key or (token.credentials if token else ""))
         if user is None:
-            raise HTTPException(401, "missing or invalid X-API-Key",
+            raise HTTPException(401, "missing or invalid API key (X-API-Key header or "
+                                     "Authorization: Bearer)",
                                 headers={"WWW-Authenticate": "APIKey"})
         return user
 
@@ -318,72 +450,52 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
     # -- captions ----------------------------------------------------------
 
     @app.post("/v1/captions", response_model=CaptionOut,
-              responses=_errors(400, 401, 404, 413, 415, 503, 504))
+              responses={**_errors(400, 401, 404, 413, 415, 503, 504),
+                         200: {"content": {"text/event-stream": {}}}})
     async def caption(
         user: Caller,
         image: Annotated[UploadFile, File(description="The photo to caption")],
         concepts: Annotated[str, Form(
             description="Comma-separated concept names to use; empty: retrieve top_k")] = "",
         top_k: Annotated[int | None, Form(description="Concepts to retrieve")] = None,
-    ) -> CaptionOut:
+        stream: Annotated[bool, Query(description=(
+            "Server-sent events: `concepts` (matches and boxes), `delta` (caption text "
+            "as it is generated), then `done` (the whole response)"))] = False,
+    ) -> CaptionOut | StreamingResponse:
         data = await read_upload(image)
         query = await run_in_threadpool(check_image, data, image.filename or "", limits)
-        names = list(dict.fromkeys(n.strip() for n in concepts.split(",") if n.strip()))
-        if names:
-            if len(names) > limits.max_concepts_per_caption:
-                raise UploadError(422, f"concepts: at most {limits.max_concepts_per_caption} "
-                                       f"per caption, got {len(names)}")
-            for n in names:
-                check_name(n, limits)
-            if top_k is not None:
-                raise UploadError(422, "give either concepts or top_k, not both")
-            stored = await run_in_threadpool(store.list_concepts, user.id, names)
-            missing = sorted(set(names) - {c.name for c in stored})
-            if missing:
-                raise HTTPException(404, f"no concept named {', '.join(map(repr, missing))}")
-            mode, k = "explicit", len(stored)
-        else:
-            k = config.default_top_k if top_k is None else top_k
-            if not 1 <= k <= limits.max_concepts_per_caption:
-                raise UploadError(422, f"top_k: must be in 1..{limits.max_concepts_per_caption}"
-                                       f", got {k}")
-            stored = await run_in_threadpool(store.list_concepts, user.id)
-            mode = "retrieval"
-        refs = await run_in_threadpool(_references, store, stored)
-        try:
-            async with asyncio.timeout(config.caption_timeout_s):
-                matches, result = await _match_and_caption(data, refs, names, mode, k)
-        except TimeoutError:
-            raise HTTPException(504, f"captioning took longer than {config.caption_timeout_s} s "
-                                     "(api.caption_timeout_s); try again later") from None
-        except (HTTPException, UploadError):
-            raise
-        except Exception as exc:  # a model replica died or failed mid-request
-            raise HTTPException(503, f"the model service failed mid-request ({type(exc).__name__})"
-                                     "; nothing was stored, try again",
-                                headers={"Retry-After": "5"}) from exc
-        by_name = {r.name: r for r in refs}
-        return CaptionOut(
-            caption=result.caption, model=result.model, mode=mode,
-            width=query.width, height=query.height,
-            concepts=[MatchOut(name=m.name, category=by_name[m.name].category,
-                               score=None if m.score != m.score else m.score, box=m.box)
-                      for m in matches],
-        )
+        names = [n.strip() for n in concepts.split(",") if n.strip()]
+        sel, result = await guarded(config.caption_timeout_s, _select_and_caption(user, data, names, top_k, not stream))
 
-    async def _match_and_caption(data: bytes, refs: list[ReferenceConcept], names: list[str],
-                                 mode: str, k: int) -> tuple[list[Match], CaptionResult]:
-        matches = await backend.match(data, refs, k) if refs else []
-        by_name = {r.name: r for r in refs}
-        if mode == "retrieval":
-            refs = [by_name[m.name] for m in matches]
-        else:
-            # Explicit names keep the user's order; boxes come from the matcher.
-            refs = [by_name[n] for n in names]
-            found = {m.name: m for m in matches}
-            matches = [found.get(n) or Match(name=n, score=float("nan"), box=None)
-                       for n in names]
-        return matches, await backend.caption(data, refs)
+        def out(result: CaptionResult) -> CaptionOut:
+            return CaptionOut(caption=result.caption, model=result.model, mode=sel.mode,
+                              width=query.width, height=query.height, concepts=sel.matches)
+
+        if not stream:
+            return out(result)
+
+        async def events() -> AsyncIterator[str]:
+            yield sse({"mode": sel.mode, "concepts": [m.model_dump() for m in sel.matches],
+                       "width": query.width, "height": query.height}, "concepts")
+            try:
+                async for delta in backend.caption_stream(data, sel.references):
+                    if delta.text:
+                        yield sse({"text": delta.text}, "delta")
+                    if delta.result is not None:
+                        yield sse(out(delta.result).model_dump(), "done")
+            except Exception as exc:  # the 200 is sent: report it in the stream
+                logger.exception("streamed caption failed")
+                yield sse({"detail": f"caption failed: {exc}"}, "error")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _select_and_caption(user: User, data: bytes, names: list[str], top_k: int | None,
+                                  generate: bool) -> tuple[Selection, CaptionResult | None]:
+        sel = await select_concepts(store, backend, config, user, data, names, top_k)
+        return sel, (await backend.caption(data, sel.references) if generate else None)
+
+    openai_api.add_routes(app, store, backend, config, Caller)
 
     # -- web page ----------------------------------------------------------
 
@@ -431,12 +543,28 @@ class LocalBackend:
                     ) -> list[Match]:
         return await run_in_threadpool(self.retriever.match, query, concepts, top_k)
 
-    async def caption(self, query: bytes, concepts: list[ReferenceConcept]) -> CaptionResult:
+    async def caption(self, query: bytes, concepts: list[ReferenceConcept],
+                      options: CaptionOptions | None = None) -> CaptionResult:
         if asyncio.iscoroutinefunction(self.captioner.caption):
-            return await self.captioner.caption(query, concepts)
+            return await self.captioner.caption(query, concepts, options)
         # One generate at a time: HF models are not safe to call from several threads.
         async with self._lock:
-            return await run_in_threadpool(self.captioner.caption, query, concepts)
+            return await run_in_threadpool(self.captioner.caption, query, concepts, options)
 
     async def ready(self) -> None:
         return None
+
+    async def caption_stream(self, query: bytes, concepts: list[ReferenceConcept],
+                             options: CaptionOptions | None = None
+                             ) -> AsyncIterator[CaptionDelta]:
+        stream = getattr(self.captioner, "caption_stream", None)
+        if stream is not None:
+            async for delta in stream(query, concepts, options):
+                yield delta
+            return
+        # transformers generate: the whole caption as one piece.
+        result = await self.caption(query, concepts, options)
+        yield CaptionDelta(result.caption, result)
+
+    async def models(self) -> list[ModelInfo]:
+        return [self.captioner.model_info()]

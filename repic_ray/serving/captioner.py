@@ -1,6 +1,7 @@
 """Caption a query image given a user's reference concepts (RePIC-style prompt).
 
-Two engines with one interface, `caption(query_bytes, concepts) -> CaptionResult`:
+Two engines with one interface, `caption(query_bytes, concepts, options) -> CaptionResult`
+(the vLLM engine also streams: `caption_stream` yields `CaptionDelta`s):
 
 - `VLLMCaptioner`: vLLM's async engine (`AsyncLLM`), so concurrent requests are
   batched continuously; with a LoRA adapter it serves base + adapter.
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,13 @@ from repic_ray.models.loading import (
 )
 from repic_ray.ports import pin_vllm_port
 from repic_ray.prompts import NAME_SUFFIX, caption_prompt
-from repic_ray.serving.types import CaptionResult, ReferenceConcept
+from repic_ray.serving.types import (
+    CaptionDelta,
+    CaptionOptions,
+    CaptionResult,
+    ModelInfo,
+    ReferenceConcept,
+)
 
 
 @dataclass
@@ -119,14 +128,34 @@ def model_version(config: CaptionerConfig) -> str:
     return version
 
 
-def caption_text(concepts: list[ReferenceConcept], processor) -> str:
+def caption_text(concepts: list[ReferenceConcept], processor, question: str = "") -> str:
     """The rendered RePIC prompt: every reference image followed by "This is <name>.",
     then the query image and the caption question (`repic_ray.prompts`, the same
     layout the model was trained on). Images are placeholders here; the engines get
-    the decoded images in the same order from `prompt_images`."""
+    the decoded images in the same order from `prompt_images`. An empty `question`
+    is the default caption question, with the name suffix when concepts are given."""
     refs = [(f"{c.name}#{i}", c.name) for c in concepts for i in range(len(c.images))]
+    if question:
+        return caption_prompt("query", refs, processor, question=question).text
     suffix = NAME_SUFFIX if concepts else ""
     return caption_prompt("query", refs, processor, suffix=suffix).text
+
+
+class _VisibleText:
+    """Turns an engine's growing output into stream pieces whose concatenation is the
+    stripped caption: leading whitespace is dropped, trailing whitespace held back
+    until more text follows (or dropped at the end). Engine text only grows by
+    appending (incremental detokenization), so a piece is never taken back."""
+
+    def __init__(self) -> None:
+        self.sent = ""
+
+    def piece(self, text: str, final: bool) -> str:
+        visible = text.strip() if final else text.lstrip().rstrip()
+        if len(visible) <= len(self.sent):
+            return ""
+        piece, self.sent = visible[len(self.sent):], visible
+        return piece
 
 
 def prompt_images(query: bytes, concepts: list[ReferenceConcept], max_pixels: int
@@ -170,28 +199,53 @@ class VLLMCaptioner:
                 f"the vLLM caption engine did not start ({exc}); vLLM's reason is in the log "
                 f"above (a memory error: lower {memory}, captioner.max_model_len or "
                 "captioner.max_num_seqs)") from exc
+        self.created = int(time.time())
         self.lora = None
         if config.adapter:
             from vllm.lora.request import LoRARequest
 
             self.lora = LoRARequest("adapter", 1, str(Path(config.adapter).resolve()))
 
-    async def caption(self, query: bytes, concepts: list[ReferenceConcept]) -> CaptionResult:
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(id=self.version, max_tokens=self.config.max_new_tokens,
+                         created=self.created)
+
+    async def caption_stream(self, query: bytes, concepts: list[ReferenceConcept],
+                             options: CaptionOptions | None = None
+                             ) -> AsyncIterator[CaptionDelta]:
+        """The caption as it is generated; the last delta carries the whole result."""
         from vllm import SamplingParams
 
+        options = (options or CaptionOptions()).checked(self.config.max_new_tokens)
         images = prompt_images(query, concepts, self.config.image_max_pixels)
-        text = caption_text(concepts, self.processor)
+        text = caption_text(concepts, self.processor, options.question)
         params = SamplingParams(
-            temperature=0.0, max_tokens=self.config.max_new_tokens,
+            temperature=options.temperature, top_p=options.top_p, seed=options.seed,
+            max_tokens=options.max_tokens or self.config.max_new_tokens,
             logit_bias={t: -100.0 for t in self.blocked},
         )
-        final = None
+        visible = _VisibleText()
         async for out in self.engine.generate(
             {"prompt": text, "multi_modal_data": {"image": images}}, params,
             request_id=uuid.uuid4().hex, lora_request=self.lora,
         ):
-            final = out
-        return CaptionResult(caption=final.outputs[0].text.strip(), model=self.version)
+            completion = out.outputs[0]
+            piece = visible.piece(completion.text, out.finished)
+            if out.finished:
+                yield CaptionDelta(piece, CaptionResult(
+                    caption=visible.sent, model=self.version,
+                    prompt_tokens=len(out.prompt_token_ids or ()),
+                    completion_tokens=len(completion.token_ids),
+                    finish_reason=completion.finish_reason or "stop"))
+            elif piece:
+                yield CaptionDelta(piece)
+
+    async def caption(self, query: bytes, concepts: list[ReferenceConcept],
+                      options: CaptionOptions | None = None) -> CaptionResult:
+        result = None
+        async for delta in self.caption_stream(query, concepts, options):
+            result = delta.result or result
+        return result
 
     def shutdown(self) -> None:
         engine, self.engine = self.engine, None
@@ -222,23 +276,43 @@ class HFCaptioner:
             model = PeftModel.from_pretrained(model, config.adapter)
         self.model = model.eval()
         self.blocked = vision_special_token_ids(self.processor)
+        self.created = int(time.time())
         self._lock = threading.Lock()
 
-    def caption(self, query: bytes, concepts: list[ReferenceConcept]) -> CaptionResult:
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(id=self.version, max_tokens=self.config.max_new_tokens,
+                         created=self.created)
+
+    def caption(self, query: bytes, concepts: list[ReferenceConcept],
+                options: CaptionOptions | None = None) -> CaptionResult:
         import torch
 
+        options = (options or CaptionOptions()).checked(self.config.max_new_tokens)
+        max_tokens = options.max_tokens or self.config.max_new_tokens
+        sampling = ({"do_sample": True, "temperature": options.temperature,
+                     "top_p": options.top_p} if options.temperature > 0 else
+                    {"do_sample": False})
         images = prompt_images(query, concepts, self.config.image_max_pixels)
-        text = caption_text(concepts, self.processor)
+        text = caption_text(concepts, self.processor, options.question)
         inputs = self.processor(text=[text], images=images, return_tensors="pt")
         with self._lock, torch.no_grad():
             base = getattr(self.model, "base_model", self.model)
             inner = getattr(base, "model", None)
             if inner is not None and hasattr(inner, "rope_deltas"):
                 inner.rope_deltas = None  # stale M-RoPE offsets from the last request
+            if options.seed is not None and options.temperature > 0:
+                torch.manual_seed(options.seed)  # generate draws from the global RNG
             out = self.model.generate(
-                **inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                **inputs, max_new_tokens=max_tokens, **sampling,
                 bad_words_ids=[[t] for t in self.blocked] or None,
             )
-        new = out[0, inputs["input_ids"].shape[1]:]
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
         caption = self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return CaptionResult(caption=caption, model=self.version)
+        # One sequence: generate stops at EOS without padding.
+        ended = bool(new) and new[-1] in eos or len(new) < max_tokens
+        return CaptionResult(
+            caption=caption, model=self.version,
+            prompt_tokens=int(inputs["input_ids"].shape[1]), completion_tokens=len(new),
+            finish_reason="stop" if ended else "length")

@@ -252,6 +252,76 @@ def test_web_page_register_and_caption(service, tmp_path):
         browser.close()
 
 
+def _data_url(data: bytes) -> dict:
+    import base64
+
+    return {"type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
+
+
+@pytest.mark.slow
+def test_openai_client_and_streaming(service):
+    """The `openai` client against the Serve app (vLLM engine; this test must run before
+    the redeploy to HF below): stored and inline concepts, a stream through the
+    Captioner's streaming handle, isolation, a refused input; /v1/captions?stream=true."""
+    import json
+
+    import openai
+
+    base, _, admin, _ = service
+    keys = {n: _user(base, admin, n)["X-API-Key"] for n in ("fay", "gus")}
+    assert _add(base, {"X-API-Key": keys["fay"]}, "Bo", "red", "dog").status_code == 201
+    fay, gus = (openai.OpenAI(base_url=f"{base}/v1", api_key=keys[n], max_retries=0,
+                              timeout=120) for n in ("fay", "gus"))
+    assert [m.id for m in fay.models.list()] == ["tiny-vllm"]
+    query = png("red", (84, 56))
+    stored = fay.chat.completions.create(model="tiny-vllm", messages=[
+        {"role": "user", "content": [_data_url(query)]}], temperature=0,
+        extra_body={"concepts": ["Bo"]})
+    caption = stored.choices[0].message.content
+    assert caption and stored.usage.completion_tokens >= 1
+    assert stored.usage.total_tokens == (stored.usage.prompt_tokens
+                                         + stored.usage.completion_tokens)
+    assert [c["name"] for c in stored.model_extra["concepts"]] == ["Bo"]
+    # Greedy: the streamed pieces join to the same caption.
+    chunks = list(fay.chat.completions.create(model="tiny-vllm", messages=[
+        {"role": "user", "content": [_data_url(query)]}], temperature=0, stream=True,
+        extra_body={"concepts": ["Bo"]}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == caption
+    assert chunks[-1].choices[0].finish_reason == stored.choices[0].finish_reason
+    # The same reference given inline: the same prompt, the same caption.
+    inline = gus.chat.completions.create(model="tiny-vllm", temperature=0, messages=[
+        {"role": "user", "content": [_data_url(png("red")), {"type": "text",
+                                     "text": "This is Bo."}, _data_url(query)]}])
+    assert inline.choices[0].message.content == caption
+    assert inline.usage.prompt_tokens == stored.usage.prompt_tokens
+    # gus cannot name fay's concept; a remote URL is refused with OpenAI's error body.
+    with pytest.raises(openai.NotFoundError, match="no concept named 'Bo'"):
+        gus.chat.completions.create(model="tiny-vllm", extra_body={"concepts": ["Bo"]},
+                                    messages=[{"role": "user", "content": [_data_url(query)]}])
+    with pytest.raises(openai.BadRequestError, match="remote image URLs") as err:
+        fay.chat.completions.create(model="tiny-vllm", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}]}])
+    assert err.value.body["type"] == "invalid_request_error"
+
+    # /v1/captions?stream=true: concepts first, caption pieces, the whole response.
+    events = []
+    with httpx.stream("POST", f"{base}/v1/captions?stream=true",
+                      headers={"X-API-Key": keys["fay"]}, data={"concepts": "Bo"},
+                      files={"image": ("q.png", query, "image/png")}, timeout=120) as res:
+        assert res.status_code == 200
+        for line in res.iter_lines():
+            if line.startswith("event: "):
+                events.append([line[7:]])
+            elif line.startswith("data: "):
+                events[-1].append(json.loads(line[6:]))
+    kinds = [e for e, _ in events]
+    assert kinds[0] == "concepts" and kinds[-1] == "done" and kinds.count("delta") > 1
+    assert "".join(d["text"] for e, d in events if e == "delta") == caption
+    assert events[-1][1]["caption"] == caption
+
+
 @pytest.mark.slow
 def test_data_survives_redeploying_the_app(service):
     from ray import serve

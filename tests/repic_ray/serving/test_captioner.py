@@ -15,6 +15,7 @@ from repic_ray.serving.captioner import (
     CaptionerConfig,
     HFCaptioner,
     VLLMCaptioner,
+    _VisibleText,
     caption_text,
     engine_kwargs,
     model_version,
@@ -59,6 +60,17 @@ def test_engine_memory_is_explicit_and_validated():
                             ({"max_num_batched_tokens": 100}, "max_num_batched_tokens")):
         with pytest.raises(ValueError, match=f"captioner.{field_name}"):
             CaptionerConfig(**bad)
+
+
+def test_streamed_pieces_join_to_the_stripped_caption():
+    visible = _VisibleText()
+    # The engine's cumulative text: leading space dropped, trailing space held back
+    # until more text comes, dropped at the end.
+    steps = [(" ", False), (" Bo", False), (" Bo ", False), (" Bo naps", False),
+             (" Bo naps \n", True)]
+    pieces = [visible.piece(text, final) for text, final in steps]
+    assert pieces == ["", "Bo", "", " naps", ""]
+    assert "".join(pieces) == visible.sent == " Bo naps \n".strip()
 
 
 def test_model_version_names_checkpoint_and_adapter(tmp_path):

@@ -91,7 +91,7 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
 # pytest-timeout: `timeout_func_only`).
 HEAVY = ("tests/actors/", "tests/bench/test_bench_", "tests/deploy/test_job_submit.py",
          "tests/deploy/test_serve.py", "tests/deploy/test_multinode_placement.py",
-         "tests/repic_ray/test_learning.py")
+         "tests/repic_ray/test_learning.py", "tests/repic_ray/models/test_shapes_load.py")
 _ROOT = Path(__file__).resolve().parents[1]
 
 

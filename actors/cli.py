@@ -6,6 +6,7 @@
     repic eval  --checkpoint DIR [--adapter DIR] --data WORLD_DIR [--retrieval skip|topk]
     repic serve --checkpoint DIR [--config deploy/serve.yaml]
     repic world --out DIR [--seed N]
+    repic plan  --config X [--nodes 2 --gpus-per-node 8 --gpu-memory-gib 80] [--json]
 
 `train` runs the SFT stage first when `sft.steps > 0`, then RL from its checkpoint.
 """
@@ -80,7 +81,14 @@ def cmd_world(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "serve": cmd_serve, "world": cmd_world}
+def cmd_plan(argv: list[str]) -> int:
+    from repic_ray.plan import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "serve": cmd_serve, "world": cmd_world,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

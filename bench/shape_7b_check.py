@@ -58,6 +58,9 @@ OVERRIDES: list[tuple[str, str, str]] = [
     ("algo.group_size", "2", "CPU time"),
     ("sampling.max_tokens", "16", "CPU time: a random model never stops, so every sample is max_tokens long"),
     ("eval_sampling.max_tokens", "16", "CPU time"),
+    ("learner.loss.entropy_coef", "0.01", ("random weights earn no reward, so every GRPO advantage is 0; an "
+                                           "entropy bonus gives LoRA a gradient, and step 2 then samples from "
+                                           "updated, synced weights")),
 ]
 
 
@@ -218,9 +221,13 @@ def main() -> int:
         mm = m["rollout/logprob_mismatch"]
         log(f"step {m['step']}: logprob mismatch {mm:.2e} (tolerance {tol:g} {precision}) "
             f"{'OK' if mm <= tol else 'TOO LARGE'}; loss {m['train/loss']:.4f}, kl {m['train/kl']:.2e}, "
-            f"reward {m['reward/total_mean']:.3f}, grad_norm {m['train/grad_norm']:.3g}, "
+            f"reward {m['reward/total_mean']:.3f}, entropy {m['train/entropy']:.2f}, "
+            f"grad_norm {m['train/grad_norm']:.3g}, "
             + ", ".join(f"{k[5:]} {v:.0f}s" for k, v in m.items() if k.startswith("time/")))
         ok &= mm <= tol
+    if steps and not any(m["train/grad_norm"] > 0 for m in steps):
+        log("no step had a nonzero gradient: the LoRA was never updated")
+        ok = False
     if len(steps) != 2:
         log(f"expected 2 steps of metrics in {metrics_file}, found {len(steps)}")
         ok = False

@@ -177,6 +177,9 @@ def main() -> int:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # the serving engine's KV cache on CPU
+    # The final export ships ~3.4 GB of merged weights to the driver; without zero-copy the
+    # driver holds a second copy, and on a 24 GiB machine Ray's OOM killer struck there.
+    env.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH")) if x)
     log = Log(Path(args.log))
     bf16 = bf16_supported()

@@ -7,6 +7,7 @@
     repic serve --checkpoint DIR [--config deploy/serve.yaml]
     repic world --out DIR [--seed N]
     repic config show --config FILE [--dotted.key VALUE ...]
+    repic plan  --config X [--nodes 2 --gpus-per-node 8 --gpu-memory-gib 80] [--json]
 
 `train` runs the SFT stage first when `sft.steps > 0`, then RL from its checkpoint.
 """
@@ -100,7 +101,15 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "serve": cmd_serve, "world": cmd_world}
+def cmd_plan(argv: list[str]) -> int:
+    """`repic plan`: memory per role and placement for a recipe on a cluster, with a verdict."""
+    from repic_ray.plan import main
+
+    return main(argv)
+
+
+COMMANDS = {"config": cmd_config, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval,
+            "serve": cmd_serve, "world": cmd_world, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

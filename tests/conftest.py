@@ -95,7 +95,7 @@ HEAVY = ("tests/actors/", "tests/recipes/test_train.py", "tests/recipes/test_cli
          "tests/bench/test_bench_", "tests/deploy/test_job_submit.py",
          "tests/deploy/test_serve.py", "tests/deploy/test_serve_newcomer.py",
          "tests/deploy/test_multinode_placement.py",
-         "tests/repic_ray/test_learning.py")
+         "tests/repic_ray/test_learning.py", "tests/repic_ray/models/test_shapes_load.py")
 _ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -211,8 +211,8 @@ class LearnerEngine:
             torch.cuda.set_device(local_rank)
             self.device = torch.device("cuda", local_rank)
         else:
-            if cfg.dtype != "fp32":
-                raise ValueError(f"dtype {cfg.dtype!r} needs a GPU; use 'fp32' on CPU")
+            # bf16 works on CPU too (DeepSpeed's bf16 optimizer keeps fp32 master weights);
+            # it is fast only where the CPU has AVX512-BF16 / AMX.
             self.device = torch.device("cpu")
         _init_distributed(rank, world_size, master_addr, master_port, local_rank)
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from repic_ray.models import tiny
+from repic_ray.models import shapes, tiny
 
 TINY_BUILDERS: dict[str, Callable[..., Path]] = {
     "qwen2.5-vl": tiny.build_tiny_qwen2_5_vl,
+    "qwen2.5-vl-7b-shapes": shapes.build_qwen2_5_vl_7b_shapes,
     "grounding-dino": tiny.build_tiny_grounding_dino,
     "clip": tiny.build_tiny_clip,
 }

@@ -123,6 +123,35 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 422: "invalid_request_error", 429: "rate_limit_error"}
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorOut(BaseModel):
+    """OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: OpenAIErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "A malformed or unsupported request (the message names the field)",
+    401: "Missing or invalid API key (X-API-Key or Authorization: Bearer)",
+    404: "No such model, or no concept of this user with that name",
+    413: "Too many bytes or pixels in an image",
+    415: "An image format outside the accepted list",
+    503: "A model replica failed mid-request (nothing is lost); try again",
+    504: "Captioning took longer than the API's caption timeout",
+}
+
+
+def error_responses(*codes: int) -> dict:
+    """OpenAPI `responses` for these error statuses, in OpenAI's error shape."""
+    return {c: {"model": OpenAIErrorOut, "description": _ERROR_DESCRIPTIONS[c]} for c in codes}
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "param": param, "code": None,
                       "type": _ERROR_TYPES.get(status, "server_error" if status >= 500
@@ -292,14 +321,15 @@ def add_routes(app: FastAPI, store, backend, config, Caller) -> None:
             served[:] = await backend.models()
         return served
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def list_models(_: Caller) -> dict:
         return {"object": "list", "data": [
             {"id": m.id, "object": "model", "created": m.created, "owned_by": "repic-ray"}
             for m in await models()]}
 
-    @app.post("/v1/chat/completions", responses={200: {"content": {
-        "application/json": {}, "text/event-stream": {}}}})
+    @app.post("/v1/chat/completions", responses={
+        200: {"content": {"application/json": {}, "text/event-stream": {}}},
+        **error_responses(400, 401, 404, 413, 415, 503, 504)})
     async def chat_completions(body: ChatRequest, user: Caller):
         check_parameters(body)
         available = await models()

@@ -61,7 +61,7 @@ def world_dir_for(cfg: DataConfig) -> Path:
     )
     cache = Path(os.environ.get("REPIC_CACHE", Path.home() / ".cache" / "repic"))
     key = (f"s{wc.seed}-c{wc.num_concepts}-{wc.names}-t{wc.num_train}-f{wc.num_sft}"
-           f"-e{wc.num_eval_per_k}-sf{wc.sft_single_fraction:g}")
+           f"-e{wc.num_eval_per_k}-sf{wc.sft_single_fraction:g}-refs")  # -refs: train references
     out = cache / "worlds" / key
     if not (out / "DONE").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")

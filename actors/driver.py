@@ -42,14 +42,18 @@ from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 from actors.roles import LearnerGroup, create_reward_actors, create_rollout_workers
 from actors.workers import WeightsRef
 from repic_ray.config import dump_yaml, to_dict
+from repic_ray.evaluation.quality import repeated_ngram_rate, split_quality
 from repic_ray.models.loading import load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
+from repic_ray.pipeline.drift import DriftMonitor
 from repic_ray.pipeline.episodes import (
     RunData,
     caption_records,
     load_run_data,
     make_request,
     reward_inputs,
+    sample_references,
+    write_reference_corpus,
 )
 from repic_ray.pipeline.experience import compute_advantages, concat_reward_outputs, rollout_batch
 from repic_ray.pipeline.metrics import MetricsWriter, evaluate_split_metrics
@@ -232,6 +236,8 @@ def training_step(run: Run) -> dict[str, float]:
         "train/lr": stats.lr,
         "response/length_mean": float(lengths.float().mean()),
         "response/length_max": float(lengths.max()),
+        "response/repeated_4gram_mean": float(np.mean([repeated_ngram_rate(c.text) for _, c in completions])),
+        "response/at_cap_frac": float(np.mean([c.finish_reason == "length" for _, c in completions])),
         "rollout/logprob_mismatch": mismatch,
         "rollout/staleness": float(run.version - 1 - rollout_version),
         "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
@@ -249,10 +255,12 @@ def training_step(run: Run) -> dict[str, float]:
 
 
 def evaluate(run: Run, tag: str) -> dict[str, Any]:
-    """Greedy captions of every held-out split; RePIC's precision / recall / F1 per split."""
+    """Greedy captions of every held-out split: RePIC's precision / recall / F1 per split
+    (`k{k}`), and caption quality against the references per split and pooled (`quality`)."""
     cfg, out = run.cfg, run.out / "eval" / tag
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
+    quality_in: dict[str, tuple] = {}
     for k, split in sorted(run.data.eval_splits.items()):
         pairs = [make_request(f"eval{k}:{i}", s, run.processor, cfg.trainer.seed, 1) for i, s in enumerate(split)]
         requests = [r for r, _ in pairs]
@@ -261,8 +269,26 @@ def evaluate(run: Run, tag: str) -> dict[str, Any]:
         rollout_worker_metrics(run.handles.rollout)  # reset the workers' counters: not training samples
         records = caption_records(split, texts, [p.text for _, p in pairs])
         summary[f"k{k}"] = evaluate_split_metrics(records, out / f"captions_k{k}.json", run.data.candidates)
+        refs = [sample_references(s) for s in split]
+        if all(refs):
+            at_cap = [results[r.uid].completions[0].finish_reason == "length" for r in requests]
+            quality_in[f"k{k}"] = (texts, refs, at_cap)
+    if quality_in:
+        summary["quality"] = split_quality(quality_in)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """One evaluation as flat metrics: `eval/{split}/{p,r,f1}` and `eval/quality/{split}/{metric}`."""
+    out: dict[str, float] = {}
+    for split, m in summary.items():
+        if split == "quality":
+            for where, scores in m.items():
+                out.update({f"eval/quality/{where}/{key}": float(v) for key, v in scores.items()})
+        else:
+            out.update({f"eval/{split}/{key}": float(m[key]) for key in ("precision", "recall", "f1")})
+    return out
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -367,6 +393,9 @@ def start_run(cfg: ExperimentConfig) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     data = load_run_data(cfg.data)  # validates samples and checks every image before any actor starts
+    if cfg.reward.caption_weight > 0 and not cfg.reward.caption.references_path:
+        # CIDEr-D's document frequencies: the training captions' references
+        cfg.reward.caption.references_path = str(write_reference_corpus(data.train, out / "reference_corpus.json"))
     processor = load_processor(cfg.rollout.tokenizer or cfg.rollout.model)
     workers, rollout_pg = create_rollout_workers(cfg)
     rewards, reward_pg = create_reward_actors(cfg)
@@ -386,6 +415,7 @@ def fit(run: Run) -> dict[str, Any]:
     if cfg.trainer.eval_before and run.step == 0 and run.data.eval_splits:
         evals["before"] = evaluate(run, "before")
     progress = _progress(cfg, run.step)
+    drift = DriftMonitor(length_tolerance=cfg.trainer.drift_length_tolerance, rep4_rise=cfg.trainer.drift_rep4_rise)
     while run.step < cfg.trainer.steps:
         try:
             metrics = training_step(run)
@@ -395,14 +425,19 @@ def fit(run: Run) -> dict[str, Any]:
             log.warning("learner failed (%s); recovering from the last checkpoint", exc)
             recover_learners(run)
             continue
+        drift_metrics, warning = drift.update(metrics)
+        metrics.update(drift_metrics)
+        if warning:
+            log.warning("step %d: %s", run.step, warning)
+        if cfg.trainer.eval_every and run.step % cfg.trainer.eval_every == 0 and run.step < cfg.trainer.steps:
+            evals[f"step_{run.step}"] = evaluate(run, f"step_{run.step}")
+            metrics.update(eval_scalars(evals[f"step_{run.step}"]))
         run.metrics.write(metrics)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}", kl=f"{metrics['train/kl']:.4f}")
         if cfg.trainer.checkpoint_every and run.step % cfg.trainer.checkpoint_every == 0:
             save_checkpoint(run)
-        if cfg.trainer.eval_every and run.step % cfg.trainer.eval_every == 0 and run.step < cfg.trainer.steps:
-            evals[f"step_{run.step}"] = evaluate(run, f"step_{run.step}")
     if progress is not None:
         progress.close()
     if run.pending is not None:  # async: drain the rollout launched for a step that will not run

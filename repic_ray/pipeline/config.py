@@ -178,6 +178,12 @@ class TrainerConfig:
     """Write TensorBoard event files beside the JSONL metrics."""
     progress_bar: bool = True
     """Show a progress bar on stderr."""
+    drift_length_tolerance: float = 0.5
+    """Warn when the mean rollout length leaves the first steps' mean by more than this
+    fraction (`response/length_drift` in the metrics)."""
+    drift_rep4_rise: float = 0.1
+    """Warn when the rollouts' repeated-4-gram rate rises more than this above the first
+    steps' rate (`response/repeated_4gram_drift`)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:

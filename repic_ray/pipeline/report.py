@@ -16,11 +16,16 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _splits(ev: dict[str, Any]) -> list[str]:
+    """The split keys (`k1`, `k2`, ...) of one evaluation, by concept count."""
+    return sorted((k for k in ev if k[:1] == "k" and k[1:].isdigit()), key=lambda s: int(s[1:]))
+
+
 def eval_table(evals: dict[str, dict[str, Any]]) -> str:
     """Rows per evaluation tag, columns P / R / F1 per split k."""
     if not evals:
         return "_no evaluation splits_\n"
-    ks = sorted({k for ev in evals.values() for k in ev}, key=lambda s: int(s[1:]))
+    ks = sorted({k for ev in evals.values() for k in _splits(ev)}, key=lambda s: int(s[1:]))
     head = "| eval | " + " | ".join(f"{k} P / R / F1" for k in ks) + " |"
     sep = "|---|" + "---|" * len(ks)
     rows = []
@@ -81,7 +86,7 @@ def plot_eval(evals: dict[str, dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3))
     for ax, metric in zip(axes, ("precision", "recall", "f1")):
         for tag, ev in evals.items():
-            ks = sorted(ev, key=lambda s: int(s[1:]))
+            ks = _splits(ev)
             ax.plot([int(k[1:]) for k in ks], [ev[k][metric] for k in ks], marker="o", label=tag)
         ax.set_title(f"{metric} by number of concepts", fontsize=9)
         ax.set_xlabel("concepts in image")

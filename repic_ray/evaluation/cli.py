@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from repic_ray.evaluation.metric import NameEvaluation, evaluate_names
+from repic_ray.evaluation.quality import degeneration
 
 
 def load_result_file(path: str | Path):
@@ -112,6 +113,7 @@ def score_file(
         case_sensitive=case_sensitive,
     )
     out = ev.as_dict()
+    out["overall"]["quality"] = degeneration([r.caption for r in records])
     if references is not None:
         from repic_ray.evaluation.caption_metrics import caption_metrics
 
@@ -142,6 +144,12 @@ def format_text(path: str, ev: NameEvaluation | dict, caption: dict | None = Non
         lines.append(
             f"{label:<9} {_pct(m['precision']):>6} {_pct(m['recall']):>6} {_pct(m['f1']):>6} "
             f"{m['slots']:>6}"
+        )
+    quality = d["overall"].get("quality")
+    if quality is not None:
+        lines.append(
+            f"repeated 4-grams {quality['rep4']:.3f}, distinct-2 {quality['distinct2']:.3f}, "
+            f"mean words {quality['mean_words']:.1f}"
         )
     caption = caption if caption is not None else d.get("caption_metrics")
     if caption is not None:

@@ -51,6 +51,17 @@ def distinct_n(captions: Sequence[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def degeneration(captions: Sequence[str]) -> dict[str, float]:
+    """The reference-free measures: `rep4`, `distinct2`, `mean_words` (0 without captions)."""
+    if not captions:
+        return {"rep4": 0.0, "distinct2": 0.0, "mean_words": 0.0}
+    return {
+        "rep4": float(np.mean([repeated_ngram_rate(c, 4) for c in captions])),
+        "distinct2": distinct_n(captions, 2),
+        "mean_words": float(np.mean([len(simple_tokenize(c).split()) for c in captions])),
+    }
+
+
 def _meteor_scorer():
     """pycocoevalcap's METEOR (a Java subprocess), or None without Java."""
     if shutil.which("java") is None:
@@ -99,9 +110,7 @@ def caption_quality(
         out["meteor"] = float(scorer.compute_score(gts, res)[0])
         if own:
             del scorer
-    out["rep4"] = float(np.mean([repeated_ngram_rate(c, 4) for c in captions]))
-    out["distinct2"] = distinct_n(captions, 2)
-    out["mean_words"] = float(np.mean([len(simple_tokenize(c).split()) for c in captions]))
+    out.update(degeneration(captions))
     if at_cap is not None:
         out["at_cap"] = float(np.mean([bool(x) for x in at_cap]))
     return {k: out[k] for k in QUALITY_KEYS if k in out}

@@ -30,12 +30,20 @@ CAPTION_PENALTIES = [
     "--reward.caption.max_words", "80", "--reward.caption.length_penalty", "1.0",
     "--reward.caption.repetition_ngram", "4", "--reward.caption.repetition_penalty", "2.0",
 ]
+STRONG_PENALTIES = [
+    "--reward.caption.max_words", "60", "--reward.caption.length_penalty", "1.0",
+    "--reward.caption.repetition_ngram", "4", "--reward.caption.repetition_penalty", "1.0",
+]
 SETTINGS: dict[str, list[str]] = {
     # the name reward alone (the recipe before the caption-quality reward)
     "names": ["--reward.caption_weight", "0"],
     "cap0.1": ["--reward.caption_weight", "0.1", *CAPTION_PENALTIES],
     "cap0.3": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES],
     "cap1.0": ["--reward.caption_weight", "1.0", *CAPTION_PENALTIES],
+    # penalties at full strength, CIDEr-D scaled down inside the caption reward: total =
+    # names + cider_weight * CIDEr-D - 1.0 * repeated-4-gram share - 1.0 * (words - 60) / 60
+    "cider0.1-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1", *STRONG_PENALTIES],
+    "cider0.03-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03", *STRONG_PENALTIES],
     "cap0.3-kl0.05": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES,
                       "--learner.loss.kl_beta", "0.05"],
 }

@@ -92,6 +92,57 @@ def run_setting(name: str, seed: int, steps: int, root: Path) -> dict:
     }
 
 
+def missed_targets(row: dict) -> list[str]:
+    """The issue's targets this run misses (empty: all met): >=3-concept F1 +20 points;
+    precision not lower on k>=3 splits and pooled; CIDEr-D not lower pooled and on k=1;
+    repeated-4-gram rate <= after SFT + 0.02 and mean words within 25 % on every split;
+    <= 5 % of captions at the token cap."""
+    b, a = row["before"], row["after"]
+    missed = []
+    if a["k3plus_f1"] < b["k3plus_f1"] + 0.20:
+        missed.append("F1+20")
+    low = [k for k in ("k3", "k4", "k5") if a["precision_by_k"].get(k, 1) < b["precision_by_k"].get(k, 0)]
+    if a["k3plus_precision"] < b["k3plus_precision"]:
+        low.append("pooled")
+    if low:
+        missed.append("P " + ",".join(low))
+    if a["cider_d"] < b["cider_d"] or a["cider_d_k1"] < b["cider_d_k1"]:
+        missed.append("CIDEr-D")
+    qb, qa = b["quality"], a["quality"]
+    splits = [k for k in qa if k != "pooled" and k in qb]
+    if any(qa[k]["rep4"] > qb[k]["rep4"] + 0.02 for k in splits):
+        missed.append("rep-4gram")
+    if any(abs(qa[k]["mean_words"] - qb[k]["mean_words"]) > 0.25 * qb[k]["mean_words"] for k in splits):
+        missed.append("length")
+    if a["at_cap"] > 0.05:
+        missed.append("at cap")
+    return missed
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per run, names and quality after SFT -> after RL."""
+    head = ["setting", "seed", "steps", ">=3 F1", ">=3 P", "P k3/k4/k5", "CIDEr-D pooled", "CIDEr-D k1",
+            "rep-4gram", "words", "at cap", "wall", "targets missed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def arrow(key, fmt, scale=1.0):
+        b, a = rows_b[key], rows_a[key]
+        return f"{fmt.format(scale * b)} → {fmt.format(scale * a)}"
+
+    for r in rows:
+        rows_b, rows_a = r["before"], r["after"]
+        pk = "/".join(f"{100 * r['after']['precision_by_k'].get(k, 0):.0f}" for k in ("k3", "k4", "k5"))
+        pk_b = "/".join(f"{100 * r['before']['precision_by_k'].get(k, 0):.0f}" for k in ("k3", "k4", "k5"))
+        lines.append("| " + " | ".join([
+            r["setting"], str(r["seed"]), str(r["steps"]), arrow("k3plus_f1", "{:.1f}", 100),
+            arrow("k3plus_precision", "{:.1f}", 100), f"{pk_b} → {pk}", arrow("cider_d", "{:.2f}"),
+            arrow("cider_d_k1", "{:.2f}"), arrow("rep4", "{:.3f}"), arrow("mean_words", "{:.1f}"),
+            arrow("at_cap", "{:.0f}%", 100), f"{r['wall_s'] / 60:.1f} min",
+            ", ".join(missed_targets(r)) or "none",
+        ]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", default="names,cap0.1,cap0.3", help=f"comma-separated, of {list(SETTINGS)}")
@@ -99,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default="runs/sweep_reward")
     p.add_argument("--out", default="bench/results/sweep_reward.json")
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads((REPO / args.out).read_text())))
+        return 0
     names = [s for s in args.settings.split(",") if s]
     unknown = [s for s in names if s not in SETTINGS]
     if unknown:

@@ -8,8 +8,8 @@ repeated-4-gram rate of the first `baseline_steps` steps and, every step, report
     response/repeated_4gram_drift  repeated_4gram_mean - baseline rate
     response/drifted               1 when either is past its limit, else 0
 
-with a warning (once when a limit is crossed, once when it is back within) naming
-the numbers.
+with a warning (once when a limit is crossed, once when both are back within half
+their limits) naming the numbers.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class DriftMonitor:
         base_len, base_rep = self.baseline()
         ratio = length / base_len if base_len > 0 else 1.0
         rise = rep4 - base_rep
-        alarm = abs(ratio - 1.0) > self.length_tolerance or rise > self.rep4_rise
+        if self._alarm:  # hysteresis: back only within half the limits (no flapping at the edge)
+            alarm = abs(ratio - 1.0) > self.length_tolerance / 2 or rise > self.rep4_rise / 2
+        else:
+            alarm = abs(ratio - 1.0) > self.length_tolerance or rise > self.rep4_rise
         out = {
             "response/length_drift": ratio,
             "response/repeated_4gram_drift": rise,

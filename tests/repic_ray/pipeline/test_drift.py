@@ -30,6 +30,9 @@ def test_warns_once_when_rollouts_loop_and_once_when_back():
     assert "drifted far" in msg and "57.0" in msg and "0.450" in msg
     out, msg = mon.update(step(60.0, 0.5))
     assert out["response/drifted"] == 1.0 and msg is None  # no repeat while it stays bad
+    # x1.4 is within the limit, but not within half of it: still drifted, no new warning
+    out, msg = mon.update(step(49.0, 0.02))
+    assert out["response/drifted"] == 1.0 and msg is None
     out, msg = mon.update(step(36.0, 0.02))
     assert out["response/drifted"] == 0.0 and "back near" in msg
 

@@ -93,7 +93,7 @@ def run_setting(name: str, seed: int, steps: int, root: Path) -> dict:
 
 
 def missed_targets(row: dict) -> list[str]:
-    """The issue's targets this run misses (empty: all met): >=3-concept F1 +20 points;
+    """The main job's targets this run misses (empty: all met): >=3-concept F1 +20 points;
     precision not lower on k>=3 splits and pooled; CIDEr-D not lower pooled and on k=1;
     repeated-4-gram rate <= after SFT + 0.02 and mean words within 25 % on every split;
     <= 5 % of captions at the token cap."""

@@ -62,10 +62,11 @@ def build_dataset(samples: list, processor: Any, seed: int):
 
 def name_reward_func(samples: list, reward_cfg: Any, categories: dict[str, str]):
     """A TRL reward function computing our reward for each completion."""
-    from repic_ray.pipeline.episodes import reward_inputs
+    from repic_ray.pipeline.episodes import reward_inputs, sample_references
     from repic_ray.rewards import build_reward
 
-    reward = build_reward(reward_cfg)
+    corpus = [refs for refs in map(sample_references, samples) if refs]  # CIDEr-D's document frequencies
+    reward = build_reward(reward_cfg, reference_corpus=corpus or None)
 
     def repic_reward(prompts, completions, sample_index, **_: Any) -> list[float]:
         inputs = []

@@ -65,6 +65,12 @@ def format_text(path: str, ev: NameEvaluation | dict, caption: dict | None = Non
             f"{label:<9} {_pct(m['precision']):>6} {_pct(m['recall']):>6} {_pct(m['f1']):>6} "
             f"{m['slots']:>6}"
         )
+    quality = d["overall"].get("quality")
+    if quality is not None:
+        lines.append(
+            f"repeated 4-grams {quality['rep4']:.3f}, distinct-2 {quality['distinct2']:.3f}, "
+            f"mean words {quality['mean_words']:.1f}"
+        )
     caption = caption if caption is not None else d.get("caption_metrics")
     if caption is not None:
         for name, value in caption["scores"].items():

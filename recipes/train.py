@@ -43,14 +43,18 @@ from actors.roles import LearnerGroup, create_reward_actors, create_rollout_work
 from actors.workers import WeightsRef
 from repic_ray import checkpoints
 from repic_ray.config import dump_yaml, to_dict
+from repic_ray.evaluation.quality import repeated_ngram_rate, split_quality
 from repic_ray.models.loading import load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
+from repic_ray.pipeline.drift import DriftMonitor
 from repic_ray.pipeline.episodes import (
     RunData,
     caption_records,
     load_run_data,
     make_request,
     reward_inputs,
+    sample_references,
+    write_reference_corpus,
 )
 from repic_ray.pipeline.experience import compute_advantages, concat_reward_outputs, rollout_batch
 from repic_ray.pipeline.metrics import MetricsWriter, evaluate_split_metrics
@@ -105,6 +109,8 @@ class Run:
     pending: PendingRollout | None = None
     """Async mode: the next step's rollouts, launched during this step."""
     seen_uids: set = field(default_factory=set)
+    drift: DriftMonitor = field(default_factory=DriftMonitor)
+    """Rollout length / repetition against the first steps (checkpointed)."""
 
 
 class PhaseTimer:
@@ -248,6 +254,8 @@ def training_step(run: Run) -> dict[str, float]:
         "train/lr": stats.lr,
         "response/length_mean": float(lengths.float().mean()),
         "response/length_max": float(lengths.max()),
+        "response/repeated_4gram_mean": float(np.mean([repeated_ngram_rate(c.text) for _, c in completions])),
+        "response/at_cap_frac": float(np.mean([c.finish_reason == "length" for _, c in completions])),
         "rollout/logprob_mismatch": mismatch,
         "rollout/staleness": float(run.version - 1 - pending.version),
         "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
@@ -265,10 +273,12 @@ def training_step(run: Run) -> dict[str, float]:
 
 
 def evaluate(run: Run, tag: str) -> dict[str, Any]:
-    """Greedy captions of every held-out split; RePIC's precision / recall / F1 per split."""
+    """Greedy captions of every held-out split: RePIC's precision / recall / F1 per split
+    (`k{k}`), and caption quality against the references per split and pooled (`quality`)."""
     cfg, out = run.cfg, run.out / "eval" / tag
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
+    quality_in: dict[str, tuple] = {}
     for k, split in sorted(run.data.eval_splits.items()):
         pairs = [make_request(f"eval{k}:{i}", s, run.processor, cfg.trainer.seed, 1) for i, s in enumerate(split)]
         requests = [r for r, _ in pairs]
@@ -277,6 +287,12 @@ def evaluate(run: Run, tag: str) -> dict[str, Any]:
         rollout_worker_metrics(run.handles.rollout)  # reset the workers' counters: not training samples
         records = caption_records(split, texts, [p.text for _, p in pairs])
         summary[f"k{k}"] = evaluate_split_metrics(records, out / f"captions_k{k}.json", run.data.candidates)
+        refs = [sample_references(s) for s in split]
+        if all(refs):
+            at_cap = [results[r.uid].completions[0].finish_reason == "length" for r in requests]
+            quality_in[f"k{k}"] = (texts, refs, at_cap)
+    if quality_in:
+        summary["quality"] = split_quality(quality_in)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     log.info("evaluation %s: %s", tag, _eval_line(summary))
     return summary
@@ -286,9 +302,23 @@ def _eval_line(summary: dict[str, Any]) -> str:
     """One line per evaluation: F1 of each split (percent)."""
     parts = []
     for split, m in summary.items():
+        if split == "quality":
+            continue
         f1 = m.get("f1") if isinstance(m, dict) else None
         parts.append(f"{split} F1 {100 * f1:.1f}" if isinstance(f1, (int, float)) else split)
     return ", ".join(parts) or "no splits"
+
+
+def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """One evaluation as flat metrics: `eval/{split}/{p,r,f1}` and `eval/quality/{split}/{metric}`."""
+    out: dict[str, float] = {}
+    for split, m in summary.items():
+        if split == "quality":
+            for where, scores in m.items():
+                out.update({f"eval/quality/{where}/{key}": float(v) for key, v in scores.items()})
+        else:
+            out.update({f"eval/{split}/{key}": float(m[key]) for key in ("precision", "recall", "f1")})
+    return out
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -319,6 +349,7 @@ def save_checkpoint(run: Run) -> Path:
         "version": run.version,
         "sampler": run.sampler.state_dict(),
         "seen_uids": sorted(run.seen_uids),
+        "drift": run.drift.state_dict(),
         "python_rng": repr(random.getstate()),
         "config": to_dict(run.cfg),
     }
@@ -336,6 +367,8 @@ def restore_checkpoint(run: Run, path: Path) -> None:
     run.step, run.version = state["step"], state["version"]
     run.sampler.load_state_dict(state["sampler"])
     run.seen_uids = set(state["seen_uids"])
+    if "drift" in state:
+        run.drift.load_state_dict(state["drift"])
     run.pending = None
     run.weights = run.handles.learners.export(run.cfg.cluster.weight_sync, run.version) if run.version else None
     run.metrics.truncate(run.step)
@@ -405,16 +438,34 @@ def start_run(cfg: ExperimentConfig) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     data = load_run_data(cfg.data)  # validates samples and checks every image before any actor starts
+    if cfg.reward.caption_weight > 0 and not cfg.reward.caption.references_path:
+        # CIDEr-D's document frequencies: the training captions' references
+        cfg.reward.caption.references_path = str(write_reference_corpus(data.train, out / "reference_corpus.json"))
     processor = load_processor(cfg.rollout.tokenizer or cfg.rollout.model)
     workers, rollout_pg = create_rollout_workers(cfg)
     rewards, reward_pg = create_reward_actors(cfg)
     learners = make_learners(cfg)
     handles = Handles(workers, rewards, learners, [rollout_pg, reward_pg])
     run = Run(cfg, out, data, processor, PromptSampler(data.train, seed=cfg.trainer.seed), handles,
-              MetricsWriter(out, tensorboard=cfg.trainer.tensorboard))
+              MetricsWriter(out, tensorboard=cfg.trainer.tensorboard),
+              drift=DriftMonitor(length_tolerance=cfg.trainer.drift_length_tolerance,
+                                 rep4_rise=cfg.trainer.drift_rep4_rise))
     if cfg.trainer.resume and (path := resume_point(out)) is not None:
         restore_checkpoint(run, path)
     return run
+
+
+def record_step(run: Run, metrics: dict[str, Any], evals: dict[str, Any]) -> None:
+    """Add a step's drift metrics (warning when the rollouts drift far from the first
+    steps) and, when due, the periodic evaluation's scalars to `metrics`."""
+    cfg = run.cfg
+    drift_metrics, warning = run.drift.update(metrics)
+    metrics.update(drift_metrics)
+    if warning:
+        log.warning("step %d: %s", run.step, warning)
+    if cfg.trainer.eval_every and run.step % cfg.trainer.eval_every == 0 and run.step < cfg.trainer.steps:
+        evals[f"step_{run.step}"] = evaluate(run, f"step_{run.step}")
+        metrics.update(eval_scalars(evals[f"step_{run.step}"]))
 
 
 def fit(run: Run) -> dict[str, Any]:
@@ -429,6 +480,7 @@ def fit(run: Run) -> dict[str, Any]:
     while run.step < cfg.trainer.steps:
         try:
             metrics = training_step(run)
+            record_step(run, metrics, evals)
             run.metrics.write(metrics)  # before the checkpoint: a resume truncates to its step
             if cfg.trainer.checkpoint_every and run.step % cfg.trainer.checkpoint_every == 0:
                 save_checkpoint(run)  # inside the try: a learner dying mid-save is recovered too
@@ -447,8 +499,6 @@ def fit(run: Run) -> dict[str, Any]:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}", kl=f"{metrics['train/kl']:.4f}")
-        if cfg.trainer.eval_every and run.step % cfg.trainer.eval_every == 0 and run.step < cfg.trainer.steps:
-            evals[f"step_{run.step}"] = evaluate(run, f"step_{run.step}")
     if progress is not None:
         progress.close()
     if run.pending is not None:  # async: drain the rollout launched for a step that will not run

@@ -21,7 +21,8 @@ categories are visible. Everything is written in the real formats
 
     world.json                 settings and the concepts' appearance
     concepts/database.json     concept database (+ one 28x28 reference PNG per concept)
-    train/train.jsonl          RePIC samples: yes_no, yes_no_name, yes_no_name_multi, iou
+    train/train.jsonl          RePIC samples: yes_no, yes_no_name, yes_no_name_multi, iou;
+                               caption ones carry `target` and reference captions (CIDEr)
     sft.jsonl                  samples with `target`: captions (mostly one concept), then
                                auxiliary yes/no and box questions (field `task` says which)
     eval/concepts_{k}.json     exactly k concepts per query, >= 3 reference captions each
@@ -490,9 +491,14 @@ class _World:
             **optional,
         )
 
-    def caption_sample(self, k: int, query: Path, *, num_captions: int = 0) -> TrainSample:
+    def caption_sample(self, k: int, query: Path, *, num_captions: int = 0,
+                       train_references: bool = False) -> TrainSample:
         """A personalized-caption sample: k present concepts, references of those plus
-        1..max_absent_refs absent ones, shuffled."""
+        1..max_absent_refs absent ones, shuffled.
+
+        `num_captions`: evaluation sample, that many reference captions instead of a target.
+        `train_references`: also `reference_captions` (the target plus other wordings, from a
+        random stream of their own, so every other file of the world is unchanged)."""
         present = self._pick(k)
         n_absent = min(self.rng.randint(1, self.cfg.max_absent_refs), self.cfg.num_concepts - k)
         absent = self._pick(n_absent, exclude=tuple(present))
@@ -512,11 +518,26 @@ class _World:
                 if len(caps) == num_captions:
                     break
             optional = {"reference_captions": caps}
+        elif train_references:
+            optional["reference_captions"] = self._other_wordings(objects, optional["target"], query)
         method, solution = (
             ("yes_no_name", present_names[0]) if k == 1 else ("yes_no_name_multi", present_names)
         )
         return self._sample(self.rng.choice(CAPTION_QUESTIONS), solution, method, refs, names,
                             query, objects, **optional)
+
+    def _other_wordings(self, objects: list[WorldObject], first: str, query: Path) -> list[str]:
+        """`first` and up to num_reference_captions - 1 other distinct captions of the same
+        scene, drawn from a stream seeded by the world seed and the query file name."""
+        rng = random.Random(f"{self.cfg.seed}:references:{query.name}")
+        caps = [first]
+        for _ in range(50 * self.cfg.num_reference_captions):
+            if len(caps) == self.cfg.num_reference_captions:
+                break
+            cap = make_caption(objects, rng, min_chars=self.cfg.min_caption_chars)
+            if cap not in caps:
+                caps.append(cap)
+        return caps
 
     def yes_no_sample(self, query: Path) -> TrainSample:
         """"Is <Bo> in this image?" with Bo's reference; yes half of the time."""
@@ -612,9 +633,9 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
         elif kind == "iou":
             train.append(w.iou_sample(query))
         elif kind == "yes_no_name" or cfg.max_k < 2:
-            train.append(w.caption_sample(1, query))
+            train.append(w.caption_sample(1, query, train_references=True))
         else:
-            train.append(w.caption_sample(w.rng.randint(2, cfg.max_k), query))
+            train.append(w.caption_sample(w.rng.randint(2, cfg.max_k), query, train_references=True))
     w.rng.shuffle(train)
     paths = WorldPaths(out, out / "world.json", out / "concepts" / "database.json",
                        out / "train" / "train.jsonl", out / "sft.jsonl")

@@ -149,7 +149,7 @@ def find_eval_runs(root: str | Path) -> list[EvalRun]:
 
 def results_table(runs: Sequence[EvalRun]) -> str:
     """One row per run: P / R / F1 overall, recall per k, caption metrics (percent),
-    and retrieval recall in retrieval mode."""
+    repeated-4-gram rate and mean words, and retrieval recall in retrieval mode."""
     ks = sorted({int(k) for r in runs for k in r.metrics["by_k"]})
     head = [
         "method",
@@ -159,6 +159,8 @@ def results_table(runs: Sequence[EvalRun]) -> str:
         "F1",
         *[f"R@{k}" for k in ks],
         *CAPTION_COLUMNS,
+        "rep-4gram",
+        "words",
         "retrieval R",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -168,6 +170,8 @@ def results_table(runs: Sequence[EvalRun]) -> str:
         cells += [f"{100 * by_k[str(k)]['recall']:.1f}" if str(k) in by_k else "–" for k in ks]
         scores = (o.get("caption_metrics") or {}).get("scores", {})
         cells += [f"{100 * scores[c]:.1f}" if c in scores else "–" for c in CAPTION_COLUMNS]
+        quality = o.get("quality") or {}
+        cells += [f"{quality['rep4']:.3f}" if quality else "–", f"{quality['mean_words']:.1f}" if quality else "–"]
         retrieval = r.metrics.get("retrieval")
         cells.append(f"{100 * retrieval['recall']:.1f}" if retrieval else "–")
         lines.append("| " + " | ".join(cells) + " |")
@@ -193,7 +197,8 @@ def write_results_report(root: str | Path, out_dir: str | Path | None = None) ->
     text = (
         f"# Personalized captioning: name precision / recall (mode {name_mode})\n\n"
         "Percent. P / R / F1 and caption metrics over all splits; R@k: recall on queries "
-        "with k concepts; retrieval R: ground-truth concepts among the retrieved ones.\n\n"
+        "with k concepts; rep-4gram: share of a caption's word 4-grams that repeat (0-1); "
+        "words: mean caption length; retrieval R: ground-truth concepts among the retrieved ones.\n\n"
         + results_table(runs)
         + "\n\n"
         + "".join(f"{name} unavailable: {why}\n\n" for name, why in sorted(unavailable.items()))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from repic_ray.evaluation.metric import NameEvaluation, evaluate_names
+from repic_ray.evaluation.quality import degeneration
 
 
 def load_result_file(path: str | Path):
@@ -75,6 +76,7 @@ def score_file(
         case_sensitive=case_sensitive,
     )
     out = ev.as_dict()
+    out["overall"]["quality"] = degeneration([r.caption for r in records])
     if references is not None:
         from repic_ray.evaluation.caption_metrics import caption_metrics
 

@@ -167,6 +167,12 @@ class TrainerConfig:
     verbose: bool = False
     """Library logs (vLLM, Ray, DeepSpeed, transformers, warnings) on the console too; by
     default they go only to `{output_dir}/log.txt` (`repic train --verbose` sets this)."""
+    drift_length_tolerance: float = 0.5
+    """Warn when the mean rollout length leaves the first steps' mean by more than this
+    fraction (`response/length_drift` in the metrics)."""
+    drift_rep4_rise: float = 0.1
+    """Warn when the rollouts' repeated-4-gram rate rises more than this above the first
+    steps' rate (`response/repeated_4gram_drift`)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:

@@ -8,6 +8,7 @@ inputs; `caption_records` writes evaluation outputs in RePIC's result format.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ def world_dir_for(cfg: DataConfig) -> Path:
     wc = cfg.world
     cache = Path(os.environ.get("REPIC_CACHE", Path.home() / ".cache" / "repic"))
     key = (f"s{wc.seed}-c{wc.num_concepts}-{wc.names}-t{wc.num_train}-f{wc.num_sft}"
-           f"-e{wc.num_eval_per_k}-sf{wc.sft_single_fraction:g}")
+           f"-e{wc.num_eval_per_k}-sf{wc.sft_single_fraction:g}-refs")  # -refs: train references
     keyed = ("seed", "num_concepts", "names", "num_train", "num_sft", "num_eval_per_k", "sft_single_fraction")
     others = {f.name: getattr(wc, f.name) for f in dataclasses.fields(WorldConfig)
               if f.name not in keyed and getattr(wc, f.name) != f.default}
@@ -128,7 +129,7 @@ def reward_inputs(sample: TrainSample, completions: list[Completion], categories
             concept_names=present,
             candidate_names=candidates,
             categories=cats,
-            reference_captions=list(sample.reference_captions or []),
+            reference_captions=sample_references(sample),
         )
         for c in completions
     ]
@@ -140,3 +141,21 @@ def caption_records(samples: list[TrainSample], texts: list[str], prompts: list[
         CaptionRecord(image=s.query_image, concepts=list(s.concepts or []), caption=t, prompt=p)
         for s, t, p in zip(samples, texts, prompts)
     ]
+
+
+def sample_references(sample: TrainSample) -> list[str]:
+    """Reference captions of a sample: its `reference_captions`, else its `target`."""
+    if sample.reference_captions:
+        return list(sample.reference_captions)
+    return [sample.target] if sample.target else []
+
+
+def write_reference_corpus(samples: list[TrainSample], path: Path) -> Path:
+    """The CIDEr-D reward's corpus (one list of references per caption sample) as JSON."""
+    corpus = [refs for refs in map(sample_references, samples) if refs]
+    if not corpus:
+        raise ValueError(
+            "reward.caption_weight > 0 but no training sample has reference_captions or a target"
+        )
+    path.write_text(json.dumps(corpus))
+    return path

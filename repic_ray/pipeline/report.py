@@ -1,7 +1,9 @@
-"""The run report: before/after evaluation table and training curves.
+"""The run report: names and caption quality before/after RL, samples, training curves.
 
-Writes `{out}/report.md` (markdown tables of precision / recall / F1 per concept
-count, before and after RL), `{out}/curves.png` (reward, KL and response length
+Writes `{out}/report.md` (precision / recall / F1 per concept count; names and caption
+quality side by side, pooled; quality per split with a flag on every split whose quality
+fell; sample captions of the same images before and after), `{out}/evals.json` (every
+evaluation as measured), `{out}/curves.png` (reward, KL, response length and repetition
 per step) and `{out}/eval_curves.png` (precision / recall / F1 per evaluation).
 """
 
@@ -11,16 +13,31 @@ import json
 from pathlib import Path
 from typing import Any
 
+from repic_ray.evaluation.quality import quality_drops
+
+QUALITY_COLUMNS = (
+    ("cider_d", "CIDEr-D", "{:.2f}"), ("bleu4", "BLEU-4", "pct"), ("meteor", "METEOR", "pct"),
+    ("rouge_l", "ROUGE-L", "pct"), ("rep4", "rep-4gram", "{:.3f}"), ("distinct2", "distinct-2", "{:.3f}"),
+    ("mean_words", "words", "{:.1f}"), ("at_cap", "at cap", "pct"),
+)
+SAMPLE_KS = (1, 3, 5)
+"""Concept counts of the splits whose first images are shown as sample captions."""
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
+
+
+def _splits(ev: dict[str, Any]) -> list[str]:
+    """The split keys (`k1`, `k2`, ...) of one evaluation, by concept count."""
+    return sorted((k for k in ev if k[:1] == "k" and k[1:].isdigit()), key=lambda s: int(s[1:]))
 
 
 def eval_table(evals: dict[str, dict[str, Any]]) -> str:
     """Rows per evaluation tag, columns P / R / F1 per split k."""
     if not evals:
         return "_no evaluation splits_\n"
-    ks = sorted({k for ev in evals.values() for k in ev}, key=lambda s: int(s[1:]))
+    ks = sorted({k for ev in evals.values() for k in _splits(ev)}, key=lambda s: int(s[1:]))
     head = "| eval | " + " | ".join(f"{k} P / R / F1" for k in ks) + " |"
     sep = "|---|" + "---|" * len(ks)
     rows = []
@@ -51,6 +68,79 @@ def summary_rows(evals: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]
     return out
 
 
+def _fmt(value: float | None, how: str) -> str:
+    if value is None:
+        return "-"
+    return _pct(value) if how == "pct" else how.format(value)
+
+
+def names_quality_table(evals: dict[str, dict[str, Any]]) -> str:
+    """One row per evaluation: pooled names (>=3-concept P / R / F1, 1-concept F1) beside
+    pooled caption quality (CIDEr-D also on the 1-concept split)."""
+    pooled = summary_rows(evals)
+    head = ["eval", ">=3 P", ">=3 R", ">=3 F1", "1 F1", "CIDEr-D", "CIDEr-D k1", "rep-4gram", "words", "at cap"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for tag, ev in evals.items():
+        row, q = pooled.get(tag, {}), ev.get("quality", {})
+        qp, q1 = q.get("pooled", {}), q.get("k1", {})
+        cells = [tag, *(_fmt(row.get(k), "pct") for k in ("k3plus_precision", "k3plus_recall", "k3plus_f1", "k1_f1"))]
+        cells += [_fmt(qp.get("cider_d"), "{:.2f}"), _fmt(q1.get("cider_d"), "{:.2f}"),
+                  _fmt(qp.get("rep4"), "{:.3f}"), _fmt(qp.get("mean_words"), "{:.1f}"), _fmt(qp.get("at_cap"), "pct")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def quality_table(evals: dict[str, dict[str, Any]]) -> str:
+    """Rows per (split, evaluation), every quality column; percent for BLEU/METEOR/ROUGE/at cap."""
+    wheres = sorted({w for ev in evals.values() for w in ev.get("quality", {})},
+                    key=lambda w: (w == "pooled", int(w[1:]) if w[1:].isdigit() else 0))
+    head = ["split", "eval", *(label for _, label, _ in QUALITY_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for where in wheres:
+        for tag, ev in evals.items():
+            q = ev.get("quality", {}).get(where)
+            if q is not None:
+                lines.append("| " + " | ".join([where, tag, *(_fmt(q.get(k), how) for k, _, how in QUALITY_COLUMNS)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def quality_flags(evals: dict[str, dict[str, Any]], first: str = "before", last: str = "after") -> list[str]:
+    """One line per split whose caption quality fell from `first` to `last`."""
+    if first not in evals or last not in evals:
+        return []
+    qb, qa = evals[first].get("quality", {}), evals[last].get("quality", {})
+    flags = []
+    for where in qa:
+        if where in qb:
+            why = quality_drops(qb[where], qa[where])
+            if why:
+                flags.append(f"**Quality fell on {where}**: " + "; ".join(why))
+    return flags
+
+
+def sample_captions(out: Path, tags: list[str], ks=SAMPLE_KS, per_k: int = 1) -> str:
+    """The first `per_k` images of each split in `ks`: concepts, then each tag's caption."""
+    from repic_ray.data.formats import load_captions
+
+    lines: list[str] = []
+    for k in ks:
+        records = {}
+        for tag in tags:
+            path = out / "eval" / tag / f"captions_k{k}.json"
+            if path.exists():
+                records[tag] = load_captions(path)
+        if len(records) < len(tags):
+            continue
+        for i in range(min(per_k, *(len(r) for r in records.values()))):
+            first = next(iter(records.values()))[i]
+            lines.append(f"**{k} concept{'s' if k > 1 else ''}** ({', '.join(first.concepts)}), "
+                         f"`{Path(first.image).name}`:\n")
+            for tag, recs in records.items():
+                lines.append(f"- {tag}: {recs[i].caption.strip()!r}")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib
 
@@ -58,7 +148,8 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     keys = [k for k in ("reward/total_mean", "reward/name/recall_mean", "reward/name/precision_mean",
-                        "train/kl", "response/length_mean") if any(k in m for m in metrics)]
+                        "train/kl", "response/length_mean", "response/repeated_4gram_mean")
+            if any(k in m for m in metrics)]
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3))
     axes = axes if hasattr(axes, "__len__") else [axes]
     for ax, key in zip(axes, keys):
@@ -81,7 +172,7 @@ def plot_eval(evals: dict[str, dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3))
     for ax, metric in zip(axes, ("precision", "recall", "f1")):
         for tag, ev in evals.items():
-            ks = sorted(ev, key=lambda s: int(s[1:]))
+            ks = _splits(ev)
             ax.plot([int(k[1:]) for k in ks], [ev[k][metric] for k in ks], marker="o", label=tag)
         ax.set_title(f"{metric} by number of concepts", fontsize=9)
         ax.set_xlabel("concepts in image")
@@ -108,6 +199,19 @@ def write_report(out: str | Path, evals: dict[str, dict[str, Any]]) -> Path:
                 f"{_pct(row.get('k3plus_recall', 0))} | {_pct(row.get('k3plus_f1', 0))} |"
             )
         lines.append("")
+    if any("quality" in ev for ev in evals.values()):
+        lines += ["## Names and caption quality (pooled)", "",
+                  ("Names: RePIC metric, %. Quality against the reference captions: CIDEr-D (0-10), "
+                  "repeated word 4-grams per caption, mean words, % of captions at the token limit."), "",
+                  names_quality_table(evals)]
+        flags = quality_flags(evals)
+        lines += [*flags, ""] if flags else ["No split lost caption quality from before to after.", ""]
+        lines += ["## Caption quality per split", "", "BLEU-4 / METEOR / ROUGE-L / at cap in %.", "",
+                  quality_table(evals)]
+    tags = [t for t in ("before", "after") if t in evals]
+    samples = sample_captions(out, tags) if tags else ""
+    if samples:
+        lines += ["## Sample captions (same images)", "", samples]
     if metrics:
         plot_curves(metrics, out / "curves.png")
         last = metrics[-1]

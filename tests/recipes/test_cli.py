@@ -46,19 +46,40 @@ def test_shipped_sft_command_still_runs_shortened(tmp_path, repic):
 
 @pytest.mark.slow
 def test_main_job_runs_end_to_end_shortened(tmp_path, repic):
-    """The README's main job (`repic train --config configs/tiny_cpu.yaml`), 2 steps."""
+    """The README's main job (`repic train --config configs/tiny_cpu.yaml`), 2 steps, with a
+    periodic evaluation after step 1: names and caption quality in the report and the metrics."""
     out = tmp_path / "run"
     res = repic("train", "--config", "configs/tiny_cpu.yaml", "--trainer.steps", "2",
                 "--trainer.output_dir", str(out), "--data.eval_max_per_k", "2", "--algo.prompts_per_step", "2",
-                "--trainer.progress_bar", "false", timeout=1200)
+                "--trainer.eval_every", "1", "--trainer.progress_bar", "false", timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| before |" in report and "| after |" in report
     assert (out / "curves.png").exists() and (out / "eval_curves.png").exists()
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
     assert (out / "final" / "model" / "model.safetensors").exists()
     # a quiet console: vLLM's per-step INFO lines and library warnings are in the run's log only
     log = (out / "log.txt").read_text()
     assert "Successfully reset prefix cache" in log
     assert "Successfully reset prefix cache" not in res.stdout + res.stderr
     assert "evaluation after:" in res.stderr and "report:" in res.stdout
+    # the recipe's reward: names + CIDEr-D caption quality (corpus from the training references)
+    assert all("reward/name_mean" in r and "reward/caption/cider_mean" in r for r in rows)
+    assert json.loads((out / "reference_corpus.json").read_text())[0]
+    # degeneration cannot hide: rollout repetition and drift every step, quality in the periodic eval
+    for key in ("response/repeated_4gram_mean", "response/at_cap_frac", "response/length_drift"):
+        assert all(0.0 <= r[key] < 100 for r in rows), key
+    assert all(-1.0 <= r["response/repeated_4gram_drift"] <= 1.0 for r in rows)
+    assert rows[0]["response/length_drift"] == 1.0
+    assert {"eval/k3/f1", "eval/quality/pooled/cider_d", "eval/quality/k1/rep4"} <= set(rows[0])
+    # report: names beside quality, per-split quality, sample captions of the same images
+    evals = json.loads((out / "evals.json").read_text())
+    assert list(evals) == ["before", "step_1", "after"]
+    pooled = evals["after"]["quality"]["pooled"]
+    assert set(pooled) == {"cider_d", "bleu4", "meteor", "rouge_l", "rep4", "distinct2", "mean_words", "at_cap"}
+    assert pooled["mean_words"] > 5 and 0 <= pooled["cider_d"] <= 10
+    assert "## Names and caption quality (pooled)" in report and "| CIDEr-D | CIDEr-D k1 |" in report
+    assert "| pooled | after |" in report and "## Caption quality per split" in report
+    captions = json.loads((out / "eval" / "after" / "captions_k3.json").read_text())
+    assert "## Sample captions (same images)" in report and repr(captions[0][2].strip()) in report

@@ -32,6 +32,20 @@ def test_text_output_percent_one_decimal(result_file, capsys):
     assert lines[4].split() == ["2", "100.0", "50.0", "66.7", "4"]
 
 
+def test_degeneration_measures_are_printed_and_in_json(tmp_path, capsys):
+    path = tmp_path / "loops.json"
+    # "bo is here bo is here": 4-grams (bo is here bo) (is here bo is) (here bo is here) -> none
+    # repeat; "a b c d a b c d": 1 of 5 repeats -> mean rep4 0.1; words (6 + 8) / 2 = 7
+    records = [["i1.jpg", ["<Bo>"], "Bo is here, bo is here.", "q"], ["i2.jpg", ["<Bo>"], "a b c d a b c d", "q"]]
+    path.write_text(json.dumps(records))
+    assert main(["eval", "--captions", str(path)]) == 0
+    assert "repeated 4-grams 0.100, distinct-2 0.583, mean words 7.0" in capsys.readouterr().out
+    assert main(["eval", "--captions", str(path), "--json"]) == 0
+    # bigrams: bo-is is-here here-bo bo-is is-here (3 distinct) + ab bc cd da ab bc cd (4) -> 7/12
+    quality = json.loads(capsys.readouterr().out)["overall"]["quality"]
+    assert quality == pytest.approx({"rep4": 0.1, "distinct2": 7 / 12, "mean_words": 7.0})
+
+
 def test_json_output_compat(result_file, capsys):
     assert main(["--captions", str(result_file), "--mode", "compat", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

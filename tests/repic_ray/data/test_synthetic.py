@@ -147,6 +147,18 @@ def test_train_has_all_four_tasks_with_consistent_answers(world):
     assert {s.solution for s in samples if s.accu_reward_method == "yes_no"} == {"yes", "no"}
 
 
+def test_train_captions_carry_distinct_references_naming_every_concept(world):
+    # CIDEr-D rewards need several wordings of each training caption; the target is one of them.
+    caption = [s for s in load_samples(world.train) if s.accu_reward_method.startswith("yes_no_name")]
+    assert caption
+    for s in caption:
+        refs = s.reference_captions
+        assert refs[0] == s.target and len(set(refs)) == len(refs) == 4
+        for ref in refs:
+            assert all(name in ref for name in s.concepts)
+    assert all(s.reference_captions is None for s in load_samples(world.sft))
+
+
 def test_sft_is_mostly_single_concept_with_targets():
     # Larger set so the fraction is meaningful; only the SFT split is generated.
     import tempfile

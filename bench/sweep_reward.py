@@ -75,7 +75,7 @@ def summarize(evals: dict) -> dict:
 def run_setting(name: str, seed: int, steps: int, root: Path) -> dict:
     out = root / f"{name}-s{seed}"
     cmd = [
-        sys.executable, "-m", "actors.cli", "train", "--config", "configs/tiny_cpu.yaml",
+        sys.executable, "-m", "recipes.cli", "train", "--config", "configs/tiny_cpu.yaml",
         "--trainer.output_dir", str(out), "--trainer.steps", str(steps),
         "--trainer.seed", str(seed), "--sampling.seed", str(seed),
         "--trainer.progress_bar", "false", *SETTINGS[name],

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--queries", type=int, default=20, help="query crops per user")
     p.add_argument("--images", type=int, default=200, help="detector eval images")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--box-threshold", type=float, default=0.15,
+                   help="the retriever's detector threshold")
     p.add_argument("--skip-retriever", action="store_true")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -106,12 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_retriever:
         from repic_ray.serving.retriever import ConceptRetriever, RetrieverConfig
 
-        retriever = ConceptRetriever(RetrieverConfig(detector=args.detector, clip=args.clip))
-        results["retriever"] = {
+        retriever = ConceptRetriever(RetrieverConfig(detector=args.detector, clip=args.clip,
+                                                     box_threshold=args.box_threshold))
+        results["retriever"] = {"box_threshold": args.box_threshold, **{
             f"top1_unseen_{n}": retriever_accuracy(retriever, num_concepts=n,
                                                    episodes=max(1, args.episodes // 4),
                                                    queries=args.queries, seed=999 + n)
-            for n in (8, 20)}
+            for n in (8, 20)}}
         print("retriever", results["retriever"], flush=True)
     results["seconds"] = round(time.time() - t0, 1)
     if args.out:

@@ -346,6 +346,8 @@ class GdinoTrainConfig:
     encoder_layers: int = 2
     decoder_layers: int = 3
     num_queries: int = 16
+    init: str = ""
+    """Continue from this checkpoint directory (its architecture wins over the above)."""
     seed: int = 0
     threads: int = 1
 
@@ -466,6 +468,10 @@ def train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
     rng = random.Random(cfg.seed)
     mapping = shape_categories()
     model, processor = _gdino_model_and_processor(cfg)
+    if cfg.init:
+        from repic_ray.models.loading import load_detector
+
+        processor, model = load_detector(cfg.init)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -91,8 +91,8 @@ def _iou(a, b):
 
 
 def test_shipped_detector_proposes_boxes_on_the_world_objects(world):
-    """Its 4 best boxes for an image's categories lie on the image's objects (IoU >= 0.3
-    with one; measured 13 of 16, the random tiny detector 0 of 16). Which category a box
+    """Its 4 best boxes for an image's categories lie on the image's objects (IoU >= 0.5
+    with one; measured 15 of 16, the random tiny detector 0 of 16). Which category a box
     is does not come out right yet (AP50 in BENCHMARKS.md)."""
     from repic_ray.serving.retriever import ConceptRetriever, RetrieverConfig
 
@@ -108,6 +108,6 @@ def test_shipped_detector_proposes_boxes_on_the_world_objects(world):
             image = Image.open(sample.query_image).convert("RGB")
             boxes = retriever.detect(image, sorted({o["category"] for o in sample.objects}))
             total += len(boxes)
-            on_object += sum(any(_iou(box, o["box"]) >= 0.3 for o in sample.objects)
+            on_object += sum(any(_iou(box, o["box"]) >= 0.5 for o in sample.objects)
                              for box, _ in boxes)
-    assert total == 16 and on_object / total >= 0.6
+    assert total == 16 and on_object / total >= 0.75

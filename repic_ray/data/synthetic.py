@@ -58,7 +58,15 @@ from repic_ray.data.formats import (
     save_database,
     save_samples,
 )
-from repic_ray.data.vocab import CATEGORIES, COLOURS, NAMES, PATTERNS, POSITIONS, SHAPES
+from repic_ray.data.vocab import (
+    CATEGORIES,
+    COLOURS,
+    NAMES,
+    PATTERNS,
+    POSITIONS,
+    SHAPE_CATEGORY,
+    SHAPES,
+)
 
 GRID = 3
 """Query images are GRID x GRID cells."""
@@ -381,11 +389,11 @@ class _World:
         self.rng = random.Random(cfg.seed)
         self.cell = cfg.cell_px
         shapes = list(SHAPES)
-        # One world-wide shape -> category mapping, so categories are visible.
-        cats = self.rng.sample(CATEGORIES, len(shapes)) if len(CATEGORIES) >= len(shapes) else [
-            CATEGORIES[i % len(CATEGORIES)] for i in range(len(shapes))
-        ]
-        self.shape_category = dict(zip(shapes, cats))
+        # One shape -> category mapping for every world (vocab.SHAPE_CATEGORY), so
+        # categories are visible. The draw that once chose a per-world mapping is kept so
+        # every world's random stream (and the seed-0 world's files) stay as they were.
+        self.rng.sample(CATEGORIES, len(shapes))
+        self.shape_category = {s: SHAPE_CATEGORY[s] for s in shapes}
         triples = [(s, c, p) for s in SHAPES for c in COLOURS for p in PATTERNS]
         chosen = self._diverse_triples(triples, cfg.num_concepts)
         names = self.rng.sample(NAMES, cfg.num_concepts)

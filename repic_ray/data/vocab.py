@@ -26,6 +26,13 @@ PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
 CATEGORIES: tuple[str, ...] = (
     "dog", "cat", "mug", "toy", "bag", "plant", "lamp", "car", "bottle", "book", "hat", "shoe",
 )
+# What each shape is: one mapping for every world, so that categories are visible and a
+# detector trained once (checkpoints/tiny-gdino) knows every world's categories. (It is
+# the mapping the seed-0 world used to draw.)
+SHAPE_CATEGORY: dict[str, str] = {
+    "circle": "lamp", "square": "shoe", "triangle": "dog", "diamond": "bag",
+    "star": "car", "cross": "toy", "hexagon": "mug", "ring": "hat",
+}
 # Personal names. A few have two words so that multi-word matching is exercised.
 NAMES: tuple[str, ...] = (
     "Bo", "Mia", "Rex", "Lulu", "Kiki", "Max", "Ziggy", "Nala", "Otto", "Pip", "Juno", "Milo",

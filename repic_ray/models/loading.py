@@ -6,6 +6,11 @@ builds or reuses a cached random checkpoint from `repic_ray.models.tiny`, or any
 `Qwen/Qwen2.5-VL-7B-Instruct`, `IDEA-Research/grounding-dino-tiny` or
 `openai/clip-vit-large-patch14-336`. After `resolve_checkpoint` both kinds go through
 the same `from_pretrained` calls, so the tiny models exercise the real code.
+
+A relative path that does not exist from the working directory is looked up in the
+project root too, so the checkpoints shipped in the repository (`checkpoints/tiny-clip`,
+`checkpoints/tiny-gdino`, `checkpoints/tiny-sft`) load from anywhere, e.g. in a Ray
+worker whose working directory is elsewhere.
 """
 
 from __future__ import annotations
@@ -37,13 +42,20 @@ VISION_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|video_pad|>",
 )
 _TINY_SPEC = re.compile(r"tiny:(?P<model>[\w.-]+)(?:@seed=(?P<seed>\d+))?")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+"""The repository root: where `checkpoints/` (the shipped trained checkpoints) lives."""
+SHIPPED_CLIP = "checkpoints/tiny-clip"
+"""The tiny CLIP trained on the synthetic world (`repic_ray.models.perception`)."""
+SHIPPED_DETECTOR = "checkpoints/tiny-gdino"
+"""The tiny Grounding DINO trained on the synthetic world (`repic_ray.models.perception`)."""
 # `org/name` as the hub spells repository ids (a path that does not exist and has this
 # shape is taken for one; anything else that does not exist is a missing directory).
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def resolve_checkpoint(spec: str) -> str:
-    """`tiny:...` -> the cached tiny checkpoint directory; a local path or hub id as is.
+    """`tiny:...` -> the cached tiny checkpoint directory; a local path or hub id as is
+    (a relative path missing from the working directory: under `PROJECT_ROOT` if there).
 
     Raises `ValueError` for an unknown tiny model and `FileNotFoundError` for a path that
     does not exist and cannot be a hub id (e.g. `./ckpt`, `/models/qwen`, `ckpt`).
@@ -57,7 +69,11 @@ def resolve_checkpoint(spec: str) -> str:
             )
         seed = int(match["seed"] or 0)
         return str(TINY_BUILDERS[match["model"]](seed=seed))
-    if Path(spec).exists() or _HUB_ID.fullmatch(spec):
+    if Path(spec).exists():
+        return spec
+    if not Path(spec).is_absolute() and (PROJECT_ROOT / spec).exists():
+        return str(PROJECT_ROOT / spec)
+    if _HUB_ID.fullmatch(spec):
         return spec
     raise FileNotFoundError(
         f"checkpoint {spec!r} is not an existing path, a hub id (org/name) or tiny:<model>"

@@ -37,9 +37,10 @@ from repic_ray.rewards.base import CAPTION_TASKS, RewardInput, RewardOutput, cap
 class DetectorRewardConfig:
     """Detector-verified recognition reward."""
 
-    checkpoint: str = "tiny:grounding-dino"
-    """Detector spec for `repic_ray.models.loading.load_detector` (e.g.
-    "IDEA-Research/grounding-dino-tiny" or "tiny:grounding-dino")."""
+    checkpoint: str = "checkpoints/tiny-gdino"
+    """Detector spec for `repic_ray.models.loading.load_detector`: the shipped tiny
+    detector trained on the synthetic world (default), a real one such as
+    "IDEA-Research/grounding-dino-tiny", or "tiny:grounding-dino" (random weights)."""
     box_threshold: float = 0.35
     """A detector query counts when its best token score reaches this (Grounding DINO default 0.35)."""
     text_threshold: float = 0.25

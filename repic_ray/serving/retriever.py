@@ -30,11 +30,14 @@ from repic_ray.serving.types import Match, ReferenceConcept
 class RetrieverConfig:
     """Detector and embedder of the retrieval step."""
 
-    detector: str = "tiny:grounding-dino"
-    """Grounding DINO spec for `repic_ray.models.loading.load_detector`
-    (e.g. "IDEA-Research/grounding-dino-tiny" or "tiny:grounding-dino")."""
-    clip: str = "tiny:clip"
-    """CLIP spec for `repic_ray.models.loading.load_clip`."""
+    detector: str = "checkpoints/tiny-gdino"
+    """Grounding DINO spec for `repic_ray.models.loading.load_detector`: the shipped tiny
+    detector trained on the synthetic world (default), a real one such as
+    "IDEA-Research/grounding-dino-tiny", or "tiny:grounding-dino" (random weights)."""
+    clip: str = "checkpoints/tiny-clip"
+    """CLIP spec for `repic_ray.models.loading.load_clip`: the shipped tiny CLIP trained on
+    the synthetic world (default), a real one such as "openai/clip-vit-large-patch14-336",
+    or "tiny:clip" (random weights)."""
     box_threshold: float = 0.3
     """Minimum detection score (best text-token sigmoid) of a crop."""
     max_crops: int = 8

@@ -139,6 +139,50 @@ def test_http_concepts_captions_and_isolation(service):
     assert "/v1/concepts" in httpx.get(f"{base}/openapi.json").json()["paths"]
 
 
+FRESH_NAMES = ("Pixel", "Biscuit", "Momo", "Juniper", "Waffles", "Clover", "Sprout", "Nugget",
+               "Pebble", "Marzipan")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="the shipped tiny Grounding DINO does not tell categories apart yet "
+                   "(AP50 0.016): offline, detector crops + the shipped CLIP pick the right "
+                   "concept among 8 for 88% of scenes (bench/results/perception.json)",
+                   strict=False)
+def test_retrieval_mode_finds_a_new_users_concepts_under_their_names(service, tmp_path):
+    """A world drawn with a seed no model was trained on, its 10 concepts registered
+    through the API under names of the user's own; retrieval mode (detector crops +
+    CLIP, top_k = the number of concepts in the image) picks the right concepts for 20
+    query images."""
+    from repic_ray.data.formats import load_database, load_samples
+    from repic_ray.data.synthetic import generate_world
+
+    base, _, admin, _ = service
+    erin = _user(base, admin, "erin")
+    world = generate_world(tmp_path / "world", seed=90_001, num_concepts=10, num_train=0,
+                           num_sft=0, num_sft_aux=0, num_eval_per_k=10, max_concepts_per_image=2)
+    fresh = {}
+    for concept, name in zip(load_database(world.database), FRESH_NAMES):
+        fresh[concept.name] = name
+        image = Path(concept.images[0])
+        res = httpx.post(f"{base}/v1/concepts", headers=erin,
+                         data={"name": name, "category": concept.category},
+                         files=[("images", (image.name, image.read_bytes(), "image/png"))])
+        assert res.status_code == 201, res.text
+    right = slots = 0
+    for k in (1, 2):
+        for sample in load_samples(world.eval[k]):
+            query = Path(sample.query_image)
+            res = httpx.post(f"{base}/v1/captions", headers=erin, data={"top_k": str(k)},
+                             files={"image": (query.name, query.read_bytes(), "image/png")},
+                             timeout=120)
+            assert res.status_code == 200, res.text
+            assert res.json()["mode"] == "retrieval"
+            chosen = {c["name"] for c in res.json()["concepts"]}
+            right += len(chosen & {fresh[n] for n in sample.concepts})
+            slots += k
+    assert slots == 30 and right / slots >= 0.9, f"{right}/{slots} right"
+
+
 @pytest.mark.slow
 def test_concurrent_captions_are_batched_without_errors(service):
     base, _, admin, _ = service

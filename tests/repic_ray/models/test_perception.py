@@ -1,0 +1,113 @@
+"""The shipped tiny CLIP and Grounding DINO trained on the synthetic world
+(`repic_ray.models.perception`): they load like real checkpoints and work on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from repic_ray.data.formats import load_samples
+from repic_ray.data.synthetic import generate_world
+from repic_ray.data.vocab import COLOURS, PATTERNS, SHAPES
+from repic_ray.models.loading import (
+    PROJECT_ROOT,
+    SHIPPED_CLIP,
+    SHIPPED_DETECTOR,
+    load_clip,
+    load_detector,
+    resolve_checkpoint,
+)
+from repic_ray.models.perception import (
+    BERT_SPECIAL_IDS,
+    bert_layout_tokenizer,
+    clip_retrieval_accuracy,
+    shape_categories,
+    triple_split,
+)
+
+
+def test_triple_split_holds_out_new_combinations_of_seen_attributes():
+    train, held = triple_split()
+    assert (len(train), len(held)) == (240, 80) and not set(train) & set(held)
+    assert triple_split() == (train, held)  # fixed, not drawn per call
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        seen = {(t[i], t[j]) for t in train}
+        assert all((t[i], t[j]) in seen for t in held)
+    assert {t[0] for t in train} == set(SHAPES) and {t[1] for t in train} == set(COLOURS)
+    assert {t[2] for t in train} == set(PATTERNS)
+
+
+def test_detector_tokenizer_puts_specials_at_the_ids_grounding_dino_hardcodes():
+    from transformers.models.grounding_dino import modeling_grounding_dino as gd
+
+    tok = bert_layout_tokenizer()
+    ids = tok("lamp. shoe.")["input_ids"]
+    assert ids[0] == tok.cls_token_id == BERT_SPECIAL_IDS["[CLS]"] == gd.SPECIAL_TOKENS[0]
+    assert ids[-1] == tok.sep_token_id == gd.SPECIAL_TOKENS[1]
+    assert ids[2] == ids[4] == gd.SPECIAL_TOKENS[2] and tok.pad_token_id == 0
+    assert tok.unk_token_id not in ids and len(ids) == 6  # each category word is one token
+
+
+def test_shipped_checkpoints_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for spec in (SHIPPED_CLIP, SHIPPED_DETECTOR):
+        assert resolve_checkpoint(spec) == str(PROJECT_ROOT / spec)
+        assert (PROJECT_ROOT / spec / "config.json").exists()
+        assert (PROJECT_ROOT / spec / "train_log.jsonl").exists()
+
+
+def test_shipped_clip_retrieves_unseen_concepts():
+    """Among 8 registered concepts of held-out triples, the nearest reference of a query
+    object's crop is its own: the random tiny CLIP manages about half of that."""
+    processor, model = load_clip(SHIPPED_CLIP)
+    assert type(model).__name__ == "CLIPModel"
+    acc = clip_retrieval_accuracy(model, processor, num_concepts=8, episodes=3,
+                                  queries_per_episode=10, seed=5)
+    assert acc >= 0.9
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    paths = generate_world(out, seed=3, num_train=0, num_sft=0, num_sft_aux=0,
+                           num_eval_per_k=2)
+    return paths
+
+
+def test_every_world_uses_the_mapping_the_detector_learned(world, tmp_path):
+    other = generate_world(tmp_path, seed=7, num_train=0, num_sft=0, num_sft_aux=0,
+                           num_eval_per_k=0)
+    for paths in (world, other):
+        assert json.loads(paths.world.read_text())["shape_category"] == shape_categories()
+
+
+def _iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_shipped_detector_proposes_boxes_on_the_world_objects(world):
+    """Its 4 best boxes for an image's categories lie on the image's objects (IoU >= 0.5
+    with one; measured 15 of 16, the random tiny detector 0 of 16). Which category a box
+    is does not come out right yet (AP50 in BENCHMARKS.md)."""
+    from repic_ray.serving.retriever import ConceptRetriever, RetrieverConfig
+
+    detector, det_proc = load_detector(SHIPPED_DETECTOR)[::-1]
+    assert type(detector).__name__ == "GroundingDinoForObjectDetection"
+    clip_proc, clip = load_clip("tiny:clip")
+    retriever = ConceptRetriever(RetrieverConfig(box_threshold=0.0, max_crops=4),
+                                 detector=detector, detector_processor=det_proc, clip=clip,
+                                 clip_processor=clip_proc)
+    on_object = total = 0
+    for k in (2, 3):
+        for sample in load_samples(world.eval[k]):
+            image = Image.open(sample.query_image).convert("RGB")
+            boxes = retriever.detect(image, sorted({o["category"] for o in sample.objects}))
+            total += len(boxes)
+            on_object += sum(any(_iou(box, o["box"]) >= 0.5 for o in sample.objects)
+                             for box, _ in boxes)
+    assert total == 16 and on_object / total >= 0.75

@@ -14,6 +14,12 @@ Two naming modes:
 - ``names="per_episode"``: names are re-drawn for every sample, so they can only be
   read from the reference images shown in the prompt (in-context binding, what the
   7B model does). Much harder for a tiny from-scratch model.
+- ``names="open"``: per-episode names as above, evaluated on unseen concepts under
+  unseen names (`repic_ray.data.names`). Training and SFT samples draw their concepts
+  from the 240 training triples and their names from the training name pool; the
+  database (the user's concepts) and the evaluation samples use held-out triples and
+  evaluation names only. References of the training concepts are written under
+  ``concepts/train/`` (they are not in the database).
 
 The category of an object is a function of its shape (one world-wide mapping), so
 categories are visible. Everything is written in the real formats
@@ -57,6 +63,7 @@ from repic_ray.data.formats import (
     save_database,
     save_samples,
 )
+from repic_ray.data.names import name_split, triple_key, triple_split
 from repic_ray.data.vocab import CATEGORIES, COLOURS, NAMES, PATTERNS, POSITIONS, SHAPES
 
 GRID = 3
@@ -71,7 +78,7 @@ CAPTION_QUESTIONS: tuple[str, ...] = (
 )
 """RePIC's captioning questions (its evaluation scripts draw from these)."""
 
-NAME_MODES = ("fixed", "per_episode")
+NAME_MODES = ("fixed", "per_episode", "open")
 
 
 @dataclass
@@ -83,7 +90,8 @@ class WorldConfig:
     num_concepts: int = 8
     """Concepts in the user's database."""
     names: str = "fixed"
-    """"fixed": a concept keeps its name everywhere; "per_episode": names re-drawn per sample."""
+    """"fixed": a concept keeps its name everywhere; "per_episode": names re-drawn per sample;
+    "open": per-sample names, evaluation on held-out triples and held-out names."""
     num_train: int = 400
     """RePIC training samples, split evenly over the four task types."""
     num_sft: int = 800
@@ -113,7 +121,8 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if self.names not in NAME_MODES:
             raise ValueError(f"names: must be one of {list(NAME_MODES)}, got {self.names!r}")
-        max_concepts = min(len(NAMES), len(SHAPES) * len(COLOURS) * len(PATTERNS))
+        max_concepts = (len(triple_split()[1]) if self.names == "open"
+                        else min(len(NAMES), len(SHAPES) * len(COLOURS) * len(PATTERNS)))
         if not 2 <= self.num_concepts <= max_concepts:
             raise ValueError(f"num_concepts: must be in [2, {max_concepts}], got {self.num_concepts}")
         for name in ("num_train", "num_sft", "num_sft_aux", "num_eval_per_k"):
@@ -386,15 +395,40 @@ class _World:
         ]
         self.shape_category = dict(zip(shapes, cats))
         triples = [(s, c, p) for s in SHAPES for c in COLOURS for p in PATTERNS]
-        chosen = self._diverse_triples(triples, cfg.num_concepts)
-        names = self.rng.sample(NAMES, cfg.num_concepts)
-        self.concepts = [
-            ConceptSpec(f"<{name}>", name, s, c, p, self.shape_category[s])
-            for name, (s, c, p) in zip(names, chosen)
-        ]
+        self.train_concepts: list[ConceptSpec] = []
+        if cfg.names == "open":
+            train_triples, held_out = triple_split()
+            chosen = self._diverse_triples(list(held_out), cfg.num_concepts)
+            train_names, eval_names = name_split()
+            names = self.rng.sample(eval_names, cfg.num_concepts)
+            self.concepts = [
+                ConceptSpec(triple_key(t), name, *t, self.shape_category[t[0]])
+                for name, t in zip(names, chosen)
+            ]
+            self.train_concepts = [
+                ConceptSpec(triple_key(t), "", *t, self.shape_category[t[0]]) for t in train_triples
+            ]
+            self.name_pools = {"train": train_names, "eval": eval_names}
+        else:
+            chosen = self._diverse_triples(triples, cfg.num_concepts)
+            names = self.rng.sample(NAMES, cfg.num_concepts)
+            self.concepts = [
+                ConceptSpec(f"<{name}>", name, s, c, p, self.shape_category[s])
+                for name, (s, c, p) in zip(names, chosen)
+            ]
+            self.name_pools = {"train": NAMES, "eval": NAMES}
         self.concept_triples = {(c.shape, c.colour, c.pattern) for c in self.concepts}
         self.distractor_triples = [t for t in triples if t not in self.concept_triples]
         self.ref_paths: dict[str, Path] = {}
+        self.use("eval")
+
+    def use(self, phase: str) -> None:
+        """Draw the following samples' concepts and names for `phase` ("train" covers the
+        training and SFT samples, "eval" the evaluation ones). Only "open" worlds differ:
+        there the phases use disjoint triples and disjoint names."""
+        open_train = phase == "train" and self.cfg.names == "open"
+        self.active = self.train_concepts if open_train else self.concepts
+        self.active_names = self.name_pools[phase]
 
     def _diverse_triples(self, triples: list[tuple[str, str, str]], n: int):
         """n distinct triples, preferring unused shapes, then unused colours (easier to tell apart)."""
@@ -414,23 +448,30 @@ class _World:
     def _np_rng(self) -> np.random.Generator:
         return np.random.default_rng(self.rng.getrandbits(63))
 
+    def _write_reference(self, spec: ConceptSpec, path: Path) -> None:
+        c = self.cell
+        img = _background(self._np_rng(), c, c)
+        s = round(c * 0.8)
+        off = (c - s) // 2
+        draw_object(img, [off, off, off + s, off + s], spec.shape, spec.colour, spec.pattern)
+        img.save(path, format="PNG")
+        self.ref_paths[spec.key] = path.absolute()
+
     def write_references(self) -> ConceptDatabase:
         cdir = self.out / "concepts"
         cdir.mkdir(parents=True, exist_ok=True)
         concepts = []
-        c = self.cell
         for spec in self.concepts:
-            img = _background(self._np_rng(), c, c)
-            s = round(c * 0.8)
-            off = (c - s) // 2
-            draw_object(img, [off, off, off + s, off + s], spec.shape, spec.colour, spec.pattern)
             path = cdir / f"{spec.name.replace(' ', '_')}.png"
-            img.save(path, format="PNG")
-            self.ref_paths[spec.key] = path.absolute()
+            self._write_reference(spec, path)
             info = f"{_article(spec.colour).capitalize()} {spec.colour} {spec.pattern} {spec.shape}."
             concepts.append(Concept(spec.key, spec.name, [str(path.absolute())], info, spec.category))
         db = ConceptDatabase.from_concepts(concepts)
         save_database(db, cdir / "database.json")
+        if self.train_concepts:
+            (cdir / "train").mkdir(exist_ok=True)
+            for spec in self.train_concepts:
+                self._write_reference(spec, cdir / "train" / f"{spec.key[1:-1]}.png")
         return db
 
     def _place(self, cell: int) -> list[int]:
@@ -441,10 +482,18 @@ class _World:
         y1 = y0 + self.rng.randint(1, c - s - 1)
         return [x1, y1, x1 + s, y1 + s]
 
-    def make_scene(self, present: list[ConceptSpec], names: dict[str, str], path: Path
-                   ) -> list[WorldObject]:
-        """Draw `present` concepts plus 0..max_distractors distractors; save the PNG."""
+    def make_scene(self, present: list[ConceptSpec], names: dict[str, str], path: Path,
+                   exclude: list[ConceptSpec] = ()) -> list[WorldObject]:
+        """Draw `present` concepts plus 0..max_distractors distractors; save the PNG.
+
+        In an open world, distractors are the phase's other triples, never one of the
+        sample's concepts (`present` and `exclude`, the absent references)."""
         nd = self.rng.randint(0, self.cfg.max_distractors)
+        distractors = self.distractor_triples
+        if self.cfg.names == "open":
+            taken = {(c.shape, c.colour, c.pattern) for c in [*present, *exclude]}
+            distractors = [(c.shape, c.colour, c.pattern) for c in self.active
+                           if (c.shape, c.colour, c.pattern) not in taken]
         cells = self.rng.sample(range(GRID * GRID), len(present) + nd)
         objects = [
             WorldObject(names[spec.key], spec.key, spec.shape, spec.colour, spec.pattern,
@@ -452,7 +501,7 @@ class _World:
             for spec, cell in zip(present, cells)
         ]
         for cell in cells[len(present):]:
-            s, c, p = self.rng.choice(self.distractor_triples)
+            s, c, p = self.rng.choice(distractors)
             objects.append(
                 WorldObject(None, None, s, c, p, self.shape_category[s], cell, self._place(cell))
             )
@@ -469,11 +518,11 @@ class _World:
     def _names(self, specs: list[ConceptSpec]) -> dict[str, str]:
         if self.cfg.names == "fixed":
             return {s.key: s.name for s in self.concepts}
-        drawn = self.rng.sample(NAMES, len(specs))
+        drawn = self.rng.sample(self.active_names, len(specs))
         return {s.key: n for s, n in zip(specs, drawn)}
 
     def _pick(self, k: int, exclude: tuple[ConceptSpec, ...] = ()) -> list[ConceptSpec]:
-        pool = [c for c in self.concepts if c not in exclude]
+        pool = [c for c in self.active if c not in exclude]
         return self.rng.sample(pool, k)
 
     def _sample(self, problem: str, solution: Any, method: str, refs: list[ConceptSpec],
@@ -494,12 +543,12 @@ class _World:
         """A personalized-caption sample: k present concepts, references of those plus
         1..max_absent_refs absent ones, shuffled."""
         present = self._pick(k)
-        n_absent = min(self.rng.randint(1, self.cfg.max_absent_refs), self.cfg.num_concepts - k)
+        n_absent = min(self.rng.randint(1, self.cfg.max_absent_refs), len(self.active) - k)
         absent = self._pick(n_absent, exclude=tuple(present))
         refs = present + absent
         self.rng.shuffle(refs)
         names = self._names(refs)
-        objects = self.make_scene(present, names, query)
+        objects = self.make_scene(present, names, query, exclude=absent)
         present_names = [o.name for o in objects if o.name is not None]
         mc = self.cfg.min_caption_chars
         optional: dict[str, Any] = {"target": make_caption(objects, self.rng, min_chars=mc)}
@@ -520,17 +569,17 @@ class _World:
 
     def yes_no_sample(self, query: Path) -> TrainSample:
         """"Is <Bo> in this image?" with Bo's reference; yes half of the time."""
-        asked = self.rng.choice(self.concepts)
+        asked = self.rng.choice(self.active)
         k = self.rng.randint(1, min(3, self.cfg.max_k))
         if self.rng.random() < 0.5:
             present = [asked] + self._pick(k - 1, exclude=(asked,))
             self.rng.shuffle(present)
             answer = "yes"
         else:
-            present = self._pick(min(k, self.cfg.num_concepts - 1), exclude=(asked,))
+            present = self._pick(min(k, len(self.active) - 1), exclude=(asked,))
             answer = "no"
         names = self._names([asked] + [p for p in present if p != asked])
-        objects = self.make_scene(present, names, query)
+        objects = self.make_scene(present, names, query, exclude=[asked])
         return self._sample(f"Is <{names[asked.key]}> in this image?", answer, "yes_no", [asked],
                             names, query, objects, target=answer)
 
@@ -601,6 +650,7 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
     w = _World(cfg, out)
     w.write_references()
     img_dir = out / "images"
+    w.use("train")
 
     # Training samples: the four RePIC task types, evenly, interleaved.
     makers = ("yes_no", "yes_no_name", "yes_no_name_multi", "iou")
@@ -634,6 +684,7 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
     save_samples(sft, paths.sft)
 
     # Evaluation: exactly k concepts per query, several reference captions each.
+    w.use("eval")
     eval_samples: list[TrainSample] = []
     for k in range(1, cfg.max_k + 1):
         split = [

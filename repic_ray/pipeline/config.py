@@ -27,10 +27,12 @@ class DataConfig:
     """Seed of the generated synthetic world."""
     world_num_concepts: int = 8
     """Concepts in the generated world's database (one user's concepts)."""
-    world_names: Literal["fixed", "per_episode"] = "fixed"
+    world_names: Literal["fixed", "per_episode", "open"] = "fixed"
     """`fixed`: each concept keeps its name across the dataset (the model learns
     appearance -> name, as MyVLM / Yo'LLaVA personalize). `per_episode`: names are
-    re-drawn per sample and must be read from the reference images (harder)."""
+    re-drawn per sample and must be read from the reference images (harder). `open`:
+    per-sample names, evaluated on held-out concepts under held-out names
+    (`repic_ray.data.names`)."""
     world_num_train: int = 400
     """Training samples in the generated world."""
     world_num_sft: int = 2000

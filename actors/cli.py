@@ -2,6 +2,7 @@
 
     repic train --config configs/tiny_cpu.yaml [--dotted.key VALUE ...] [--address ADDR]
     repic sft   --config configs/sft_tiny.yaml [--dotted.key VALUE ...]
+    repic pretrain-vision --config configs/pretrain_vision_tiny.yaml [--dotted.key VALUE ...]
     repic eval  --captions FILE [--mode compat] [--json]
     repic eval  --checkpoint DIR [--adapter DIR] --data WORLD_DIR [--retrieval skip|topk]
     repic serve --checkpoint DIR [--config deploy/serve.yaml]
@@ -61,6 +62,16 @@ def cmd_sft(argv: list[str]) -> int:
     return 0
 
 
+def cmd_pretrain_vision(argv: list[str]) -> int:
+    from repic_ray.pipeline.pretrain_vision import run_pretrain_vision
+
+    cfg = _experiment(argv, "repic pretrain-vision")
+    if cfg.pretrain_vision.steps < 1:
+        raise ConfigError("pretrain_vision.steps: must be >= 1 for `repic pretrain-vision`")
+    print(f"vision checkpoint: {run_pretrain_vision(cfg)}")
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from repic_ray.evaluation.cli import main
 
@@ -80,7 +91,8 @@ def cmd_world(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "serve": cmd_serve, "world": cmd_world}
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "pretrain-vision": cmd_pretrain_vision, "eval": cmd_eval,
+            "serve": cmd_serve, "world": cmd_world}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -302,6 +302,36 @@ def _background(np_rng: np.random.Generator, w: int, h: int) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def draw_reference(np_rng: np.random.Generator, shape: str, colour: str, pattern: str,
+                   cell_px: int) -> Image.Image:
+    """A concept's reference image: the object centred at 80 % of one cell on the noisy
+    grey background."""
+    img = _background(np_rng, cell_px, cell_px)
+    s = round(cell_px * 0.8)
+    off = (cell_px - s) // 2
+    draw_object(img, [off, off, off + s, off + s], shape, colour, pattern)
+    return img
+
+
+def place_in_cell(rng: random.Random, cell: int, cell_px: int) -> list[int]:
+    """A query object's box in grid cell `cell`: 65-85 % of the cell, at a random place."""
+    c = cell_px
+    s = rng.randint(round(0.65 * c), round(0.85 * c))
+    x0, y0 = (cell % GRID) * c, (cell // GRID) * c
+    x1 = x0 + rng.randint(1, c - s - 1)
+    y1 = y0 + rng.randint(1, c - s - 1)
+    return [x1, y1, x1 + s, y1 + s]
+
+
+def draw_query(np_rng: np.random.Generator, objects: list[tuple[tuple[str, str, str], list[int]]],
+               cell_px: int) -> Image.Image:
+    """A GRID x GRID query image with each (shape, colour, pattern) drawn in its box."""
+    img = _background(np_rng, GRID * cell_px, GRID * cell_px)
+    for (shape, colour, pattern), box in objects:
+        draw_object(img, box, shape, colour, pattern)
+    return img
+
+
 # ---------------------------------------------------------------------------------------
 # Captions
 
@@ -449,11 +479,7 @@ class _World:
         return np.random.default_rng(self.rng.getrandbits(63))
 
     def _write_reference(self, spec: ConceptSpec, path: Path) -> None:
-        c = self.cell
-        img = _background(self._np_rng(), c, c)
-        s = round(c * 0.8)
-        off = (c - s) // 2
-        draw_object(img, [off, off, off + s, off + s], spec.shape, spec.colour, spec.pattern)
+        img = draw_reference(self._np_rng(), spec.shape, spec.colour, spec.pattern, self.cell)
         img.save(path, format="PNG")
         self.ref_paths[spec.key] = path.absolute()
 
@@ -475,12 +501,7 @@ class _World:
         return db
 
     def _place(self, cell: int) -> list[int]:
-        c = self.cell
-        s = self.rng.randint(round(0.65 * c), round(0.85 * c))
-        x0, y0 = (cell % GRID) * c, (cell // GRID) * c
-        x1 = x0 + self.rng.randint(1, c - s - 1)
-        y1 = y0 + self.rng.randint(1, c - s - 1)
-        return [x1, y1, x1 + s, y1 + s]
+        return place_in_cell(self.rng, cell, self.cell)
 
     def make_scene(self, present: list[ConceptSpec], names: dict[str, str], path: Path,
                    exclude: list[ConceptSpec] = ()) -> list[WorldObject]:
@@ -506,9 +527,8 @@ class _World:
                 WorldObject(None, None, s, c, p, self.shape_category[s], cell, self._place(cell))
             )
         objects.sort(key=lambda o: o.cell)
-        img = _background(self._np_rng(), GRID * self.cell, GRID * self.cell)
-        for o in objects:
-            draw_object(img, o.box, o.shape, o.colour, o.pattern)
+        img = draw_query(self._np_rng(), [((o.shape, o.colour, o.pattern), o.box) for o in objects],
+                         self.cell)
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, format="PNG")
         return objects

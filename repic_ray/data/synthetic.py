@@ -31,6 +31,7 @@ categories are visible. Everything is written in the real formats
     sft.jsonl                  samples with `target`: captions (mostly one concept), then
                                auxiliary yes/no and box questions (field `task` says which)
     eval/concepts_{k}.json     exactly k concepts per query, >= 3 reference captions each
+    eval/yes_no.json           "open" worlds only: yes/no questions about held-out concepts
     images/...                 query PNGs
     contact_sheet.png          references and sample queries with boxes, for a human
 
@@ -206,6 +207,8 @@ class WorldPaths:
     eval: dict[int, Path] = field(default_factory=dict)
     """k -> eval/concepts_{k}.json."""
     contact_sheet: Path | None = None
+    eval_yes_no: Path | None = None
+    """"open" worlds: eval/yes_no.json, yes/no questions about held-out concepts."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -716,6 +719,13 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
             paths.eval[k] = out / "eval" / f"concepts_{k}.json"
             save_samples(split, paths.eval[k])
             eval_samples.append(split[0])
+
+    if cfg.names == "open" and cfg.num_eval_per_k:
+        # Recognition on unseen concepts under unseen names: "Is <Bo> in this image?".
+        yes_no = [w.yes_no_sample(img_dir / "eval_yes_no" / f"{i:05d}.png")
+                  for i in range(cfg.num_eval_per_k)]
+        paths.eval_yes_no = out / "eval" / "yes_no.json"
+        save_samples(yes_no, paths.eval_yes_no)
 
     paths.contact_sheet = out / "contact_sheet.png"
     w.contact_sheet(eval_samples, paths.contact_sheet)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +46,34 @@ def name_scores(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, An
         overall.add(outcomes)
         by_k.setdefault(len(s.concepts), NameMetrics()).add(outcomes)
     return {"overall": overall.as_dict(), "by_k": {k: m.as_dict() for k, m in sorted(by_k.items())}}
+
+
+def first_name_choice(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:
+    """For single-concept samples: what the first pool-style name in the caption is --
+    the present concept's name ("right"), another reference's ("other_reference"), a
+    string mixing the references' syllables ("mixed"), or none. Separates "binds the
+    wrong reference" from "does not copy a whole name"."""
+    from repic_ray.data.names import name_pieces
+
+    counts = {"right": 0, "other_reference": 0, "mixed": 0, "none": 0}
+    singles = [(c, s) for c, s in zip(captions, samples) if len(s.concepts) == 1]
+    for caption, s in singles:
+        names = []
+        for word in re.findall(r"[A-Z][a-z]{3,4}", caption):
+            try:
+                name_pieces(word)
+            except ValueError:
+                continue
+            names.append(word)
+        if not names:
+            counts["none"] += 1
+        elif names[0] == s.concepts[0]:
+            counts["right"] += 1
+        elif names[0] in s.ref_names:
+            counts["other_reference"] += 1
+        else:
+            counts["mixed"] += 1
+    return {k: v / max(1, len(singles)) for k, v in counts.items()}
 
 
 def yes_no_accuracy(answers: Sequence[str], samples: Sequence[Any]) -> dict[str, Any]:
@@ -89,10 +118,9 @@ def gate_names(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     captions = _generate(args.checkpoint, samples, args.max_tokens, args.batch_size)
     result["names"] = name_scores(captions, samples)
-    result["examples"] = [
-        {"refs": s.ref_names, "present": s.concepts, "caption": c}
-        for s, c in list(zip(samples, captions))[:: max(1, len(samples) // 8)]
-    ]
+    result["first_name_choice_single"] = first_name_choice(captions, samples)
+    result["captions"] = [{"refs": s.ref_names, "present": s.concepts, "caption": c}
+                          for s, c in zip(samples, captions)]
     yes_no_path = data / "eval" / "yes_no.json"
     if yes_no_path.exists():
         yn = load_samples(yes_no_path)[: args.max_yes_no]
@@ -145,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for k, m in result["names"]["by_k"].items()]
         rows += [[f"name precision, {k} concept(s)", f"{m['precision']:.4f}", m["records"]]
                  for k, m in result["names"]["by_k"].items()]
+        rows += [[f"single concept: first name is {k}", f"{v:.4f}", ""]
+                 for k, v in result["first_name_choice_single"].items()]
         if "yes_no" in result:
             rows.append(["yes/no accuracy", f"{result['yes_no']['accuracy']:.4f}", result["yes_no"]["n"]])
     out = args.out or str(RESULTS / f"gate_{args.gate}.json")

@@ -49,3 +49,13 @@ def test_gates_run_end_to_end(run_bench, tmp_path):
     res = run_bench("gates.py", "names", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root),
                     "--max-tokens", "8", "--max-yes-no", "2")
     assert res["names"]["overall"]["slots"] == 2 * 1 + 2 * 2 and res["yes_no"]["n"] == 2
+
+
+def test_first_name_choice_tells_wrong_binding_from_mixed_syllables():
+    from bench.gates import first_name_choice
+
+    samples = [_sample(["Garfu", "Funmi"], ["Garfu"])] * 4 + [_sample(["Garfu", "Funmi", "Tigbo"], ["Garfu", "Tigbo"])]
+    captions = ["Garfu the red dog.", "There is Funmi.", "Farfu, my dog.", "A red dog sits here.",
+                "Funmi and Garfu."]  # the 2-concept sample is not counted
+    assert first_name_choice(captions, samples) == {
+        "right": 0.25, "other_reference": 0.25, "mixed": 0.25, "none": 0.25}

@@ -2,6 +2,7 @@
 
     repic train --config configs/tiny_cpu.yaml [--dotted.key VALUE ...] [--address ADDR]
     repic sft   --config configs/sft_tiny.yaml [--dotted.key VALUE ...]
+    repic pretrain-vision --config configs/pretrain_vision_tiny.yaml [--dotted.key VALUE ...]
     repic eval  --captions FILE [--mode compat] [--json]
     repic eval  --checkpoint DIR [--adapter DIR] --data WORLD_DIR [--retrieval skip|topk]
     repic serve --checkpoint DIR [--config deploy/serve.yaml]
@@ -71,6 +72,16 @@ def cmd_sft(argv: list[str]) -> int:
     return 0
 
 
+def cmd_pretrain_vision(argv: list[str]) -> int:
+    from repic_ray.pipeline.pretrain_vision import run_pretrain_vision
+
+    cfg = _experiment(argv, "repic pretrain-vision")
+    if cfg.pretrain_vision.steps < 1:
+        raise ConfigError("pretrain_vision.steps: must be >= 1 for `repic pretrain-vision`")
+    print(f"vision checkpoint: {run_pretrain_vision(cfg)}")
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from recipes.eval import main
 
@@ -108,8 +119,9 @@ def cmd_plan(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"config": cmd_config, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval,
-            "serve": cmd_serve, "world": cmd_world, "plan": cmd_plan}
+COMMANDS = {"config": cmd_config, "train": cmd_train, "sft": cmd_sft,
+            "pretrain-vision": cmd_pretrain_vision, "eval": cmd_eval, "serve": cmd_serve,
+            "world": cmd_world, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

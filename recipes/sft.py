@@ -81,7 +81,10 @@ def run_sft(cfg: ExperimentConfig, data_sft: Path | None = None) -> Path:
     out = Path(cfg.sft.output or Path(cfg.output_dir) / "sft")
     out.parent.mkdir(parents=True, exist_ok=True)
     processor = load_processor(base)
-    upweight = name_token_ids(processor.tokenizer, sorted(data.categories)) if cfg.sft.name_token_weight != 1 else set()
+    # The database's names, and the names shown with references (per-sample names of
+    # "per_episode" and "open" worlds are not in the database).
+    names = sorted(set(data.categories) | {n for s in samples for n in s.ref_names or []})
+    upweight = name_token_ids(processor.tokenizer, names) if cfg.sft.name_token_weight != 1 else set()
     engine = LearnerEngine(sft_learner_config(cfg), master_port=free_port())
     sampler = PromptSampler(samples, seed=cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)

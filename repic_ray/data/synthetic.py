@@ -14,6 +14,12 @@ Two naming modes:
 - ``names="per_episode"``: names are re-drawn for every sample, so they can only be
   read from the reference images shown in the prompt (in-context binding, what the
   7B model does). Much harder for a tiny from-scratch model.
+- ``names="open"``: per-episode names as above, evaluated on unseen concepts under
+  unseen names (`repic_ray.data.names`). Training and SFT samples draw their concepts
+  from the 240 training triples and their names from the training name pool; the
+  database (the user's concepts) and the evaluation samples use held-out triples and
+  evaluation names only. References of the training concepts are written under
+  ``concepts/train/`` (they are not in the database).
 
 The category of an object is a function of its shape (one world-wide mapping), so
 categories are visible. Everything is written in the real formats
@@ -26,6 +32,7 @@ categories are visible. Everything is written in the real formats
     sft.jsonl                  samples with `target`: captions (mostly one concept), then
                                auxiliary yes/no and box questions (field `task` says which)
     eval/concepts_{k}.json     exactly k concepts per query, >= 3 reference captions each
+    eval/yes_no.json           "open" worlds only: yes/no questions about held-out concepts
     images/...                 query PNGs
     contact_sheet.png          references and sample queries with boxes, for a human
 
@@ -58,6 +65,7 @@ from repic_ray.data.formats import (
     save_database,
     save_samples,
 )
+from repic_ray.data.names import name_split, triple_key, triple_split
 from repic_ray.data.vocab import (
     CATEGORIES,
     COLOURS,
@@ -80,7 +88,7 @@ CAPTION_QUESTIONS: tuple[str, ...] = (
 )
 """RePIC's captioning questions (its evaluation scripts draw from these)."""
 
-NAME_MODES = ("fixed", "per_episode")
+NAME_MODES = ("fixed", "per_episode", "open")
 
 
 @dataclass
@@ -92,7 +100,8 @@ class WorldConfig:
     num_concepts: int = 8
     """Concepts in the user's database."""
     names: str = "fixed"
-    """"fixed": a concept keeps its name everywhere; "per_episode": names re-drawn per sample."""
+    """"fixed": a concept keeps its name everywhere; "per_episode": names re-drawn per sample;
+    "open": per-sample names, evaluation on held-out triples and held-out names."""
     num_train: int = 400
     """RePIC training samples, split evenly over the four task types."""
     num_sft: int = 800
@@ -122,7 +131,8 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if self.names not in NAME_MODES:
             raise ValueError(f"names: must be one of {list(NAME_MODES)}, got {self.names!r}")
-        max_concepts = min(len(NAMES), len(SHAPES) * len(COLOURS) * len(PATTERNS))
+        max_concepts = (len(triple_split()[1]) if self.names == "open"
+                        else min(len(NAMES), len(SHAPES) * len(COLOURS) * len(PATTERNS)))
         if not 2 <= self.num_concepts <= max_concepts:
             raise ValueError(f"num_concepts: must be in [2, {max_concepts}], got {self.num_concepts}")
         for name in ("num_train", "num_sft", "num_sft_aux", "num_eval_per_k"):
@@ -206,6 +216,8 @@ class WorldPaths:
     eval: dict[int, Path] = field(default_factory=dict)
     """k -> eval/concepts_{k}.json."""
     contact_sheet: Path | None = None
+    eval_yes_no: Path | None = None
+    """"open" worlds: eval/yes_no.json, yes/no questions about held-out concepts."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,6 +314,36 @@ def _background(np_rng: np.random.Generator, w: int, h: int) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def draw_reference(np_rng: np.random.Generator, shape: str, colour: str, pattern: str,
+                   cell_px: int) -> Image.Image:
+    """A concept's reference image: the object centred at 80 % of one cell on the noisy
+    grey background."""
+    img = _background(np_rng, cell_px, cell_px)
+    s = round(cell_px * 0.8)
+    off = (cell_px - s) // 2
+    draw_object(img, [off, off, off + s, off + s], shape, colour, pattern)
+    return img
+
+
+def place_in_cell(rng: random.Random, cell: int, cell_px: int) -> list[int]:
+    """A query object's box in grid cell `cell`: 65-85 % of the cell, at a random place."""
+    c = cell_px
+    s = rng.randint(round(0.65 * c), round(0.85 * c))
+    x0, y0 = (cell % GRID) * c, (cell // GRID) * c
+    x1 = x0 + rng.randint(1, c - s - 1)
+    y1 = y0 + rng.randint(1, c - s - 1)
+    return [x1, y1, x1 + s, y1 + s]
+
+
+def draw_query(np_rng: np.random.Generator, objects: list[tuple[tuple[str, str, str], list[int]]],
+               cell_px: int) -> Image.Image:
+    """A GRID x GRID query image with each (shape, colour, pattern) drawn in its box."""
+    img = _background(np_rng, GRID * cell_px, GRID * cell_px)
+    for (shape, colour, pattern), box in objects:
+        draw_object(img, box, shape, colour, pattern)
+    return img
+
+
 # ---------------------------------------------------------------------------------------
 # Captions
 
@@ -395,15 +437,40 @@ class _World:
         self.rng.sample(CATEGORIES, len(shapes))
         self.shape_category = {s: SHAPE_CATEGORY[s] for s in shapes}
         triples = [(s, c, p) for s in SHAPES for c in COLOURS for p in PATTERNS]
-        chosen = self._diverse_triples(triples, cfg.num_concepts)
-        names = self.rng.sample(NAMES, cfg.num_concepts)
-        self.concepts = [
-            ConceptSpec(f"<{name}>", name, s, c, p, self.shape_category[s])
-            for name, (s, c, p) in zip(names, chosen)
-        ]
+        self.train_concepts: list[ConceptSpec] = []
+        if cfg.names == "open":
+            train_triples, held_out = triple_split()
+            chosen = self._diverse_triples(list(held_out), cfg.num_concepts)
+            train_names, eval_names = name_split()
+            names = self.rng.sample(eval_names, cfg.num_concepts)
+            self.concepts = [
+                ConceptSpec(triple_key(t), name, *t, self.shape_category[t[0]])
+                for name, t in zip(names, chosen)
+            ]
+            self.train_concepts = [
+                ConceptSpec(triple_key(t), "", *t, self.shape_category[t[0]]) for t in train_triples
+            ]
+            self.name_pools = {"train": train_names, "eval": eval_names}
+        else:
+            chosen = self._diverse_triples(triples, cfg.num_concepts)
+            names = self.rng.sample(NAMES, cfg.num_concepts)
+            self.concepts = [
+                ConceptSpec(f"<{name}>", name, s, c, p, self.shape_category[s])
+                for name, (s, c, p) in zip(names, chosen)
+            ]
+            self.name_pools = {"train": NAMES, "eval": NAMES}
         self.concept_triples = {(c.shape, c.colour, c.pattern) for c in self.concepts}
         self.distractor_triples = [t for t in triples if t not in self.concept_triples]
         self.ref_paths: dict[str, Path] = {}
+        self.use("eval")
+
+    def use(self, phase: str) -> None:
+        """Draw the following samples' concepts and names for `phase` ("train" covers the
+        training and SFT samples, "eval" the evaluation ones). Only "open" worlds differ:
+        there the phases use disjoint triples and disjoint names."""
+        open_train = phase == "train" and self.cfg.names == "open"
+        self.active = self.train_concepts if open_train else self.concepts
+        self.active_names = self.name_pools[phase]
 
     def _diverse_triples(self, triples: list[tuple[str, str, str]], n: int):
         """n distinct triples, preferring unused shapes, then unused colours (easier to tell apart)."""
@@ -423,37 +490,43 @@ class _World:
     def _np_rng(self) -> np.random.Generator:
         return np.random.default_rng(self.rng.getrandbits(63))
 
+    def _write_reference(self, spec: ConceptSpec, path: Path) -> None:
+        img = draw_reference(self._np_rng(), spec.shape, spec.colour, spec.pattern, self.cell)
+        img.save(path, format="PNG")
+        self.ref_paths[spec.key] = path.absolute()
+
     def write_references(self) -> ConceptDatabase:
         cdir = self.out / "concepts"
         cdir.mkdir(parents=True, exist_ok=True)
         concepts = []
-        c = self.cell
         for spec in self.concepts:
-            img = _background(self._np_rng(), c, c)
-            s = round(c * 0.8)
-            off = (c - s) // 2
-            draw_object(img, [off, off, off + s, off + s], spec.shape, spec.colour, spec.pattern)
             path = cdir / f"{spec.name.replace(' ', '_')}.png"
-            img.save(path, format="PNG")
-            self.ref_paths[spec.key] = path.absolute()
+            self._write_reference(spec, path)
             info = f"{_article(spec.colour).capitalize()} {spec.colour} {spec.pattern} {spec.shape}."
             concepts.append(Concept(spec.key, spec.name, [str(path.absolute())], info, spec.category))
         db = ConceptDatabase.from_concepts(concepts)
         save_database(db, cdir / "database.json")
+        if self.train_concepts:
+            (cdir / "train").mkdir(exist_ok=True)
+            for spec in self.train_concepts:
+                self._write_reference(spec, cdir / "train" / f"{spec.key[1:-1]}.png")
         return db
 
     def _place(self, cell: int) -> list[int]:
-        c = self.cell
-        s = self.rng.randint(round(0.65 * c), round(0.85 * c))
-        x0, y0 = (cell % GRID) * c, (cell // GRID) * c
-        x1 = x0 + self.rng.randint(1, c - s - 1)
-        y1 = y0 + self.rng.randint(1, c - s - 1)
-        return [x1, y1, x1 + s, y1 + s]
+        return place_in_cell(self.rng, cell, self.cell)
 
-    def make_scene(self, present: list[ConceptSpec], names: dict[str, str], path: Path
-                   ) -> list[WorldObject]:
-        """Draw `present` concepts plus 0..max_distractors distractors; save the PNG."""
+    def make_scene(self, present: list[ConceptSpec], names: dict[str, str], path: Path,
+                   exclude: list[ConceptSpec] = ()) -> list[WorldObject]:
+        """Draw `present` concepts plus 0..max_distractors distractors; save the PNG.
+
+        In an open world, distractors are the phase's other triples, never one of the
+        sample's concepts (`present` and `exclude`, the absent references)."""
         nd = self.rng.randint(0, self.cfg.max_distractors)
+        distractors = self.distractor_triples
+        if self.cfg.names == "open":
+            taken = {(c.shape, c.colour, c.pattern) for c in [*present, *exclude]}
+            distractors = [(c.shape, c.colour, c.pattern) for c in self.active
+                           if (c.shape, c.colour, c.pattern) not in taken]
         cells = self.rng.sample(range(GRID * GRID), len(present) + nd)
         objects = [
             WorldObject(names[spec.key], spec.key, spec.shape, spec.colour, spec.pattern,
@@ -461,14 +534,13 @@ class _World:
             for spec, cell in zip(present, cells)
         ]
         for cell in cells[len(present):]:
-            s, c, p = self.rng.choice(self.distractor_triples)
+            s, c, p = self.rng.choice(distractors)
             objects.append(
                 WorldObject(None, None, s, c, p, self.shape_category[s], cell, self._place(cell))
             )
         objects.sort(key=lambda o: o.cell)
-        img = _background(self._np_rng(), GRID * self.cell, GRID * self.cell)
-        for o in objects:
-            draw_object(img, o.box, o.shape, o.colour, o.pattern)
+        img = draw_query(self._np_rng(), [((o.shape, o.colour, o.pattern), o.box) for o in objects],
+                         self.cell)
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, format="PNG")
         return objects
@@ -478,11 +550,11 @@ class _World:
     def _names(self, specs: list[ConceptSpec]) -> dict[str, str]:
         if self.cfg.names == "fixed":
             return {s.key: s.name for s in self.concepts}
-        drawn = self.rng.sample(NAMES, len(specs))
+        drawn = self.rng.sample(self.active_names, len(specs))
         return {s.key: n for s, n in zip(specs, drawn)}
 
     def _pick(self, k: int, exclude: tuple[ConceptSpec, ...] = ()) -> list[ConceptSpec]:
-        pool = [c for c in self.concepts if c not in exclude]
+        pool = [c for c in self.active if c not in exclude]
         return self.rng.sample(pool, k)
 
     def _sample(self, problem: str, solution: Any, method: str, refs: list[ConceptSpec],
@@ -508,12 +580,12 @@ class _World:
         `train_references`: also `reference_captions` (the target plus other wordings, from a
         random stream of their own, so every other file of the world is unchanged)."""
         present = self._pick(k)
-        n_absent = min(self.rng.randint(1, self.cfg.max_absent_refs), self.cfg.num_concepts - k)
+        n_absent = min(self.rng.randint(1, self.cfg.max_absent_refs), len(self.active) - k)
         absent = self._pick(n_absent, exclude=tuple(present))
         refs = present + absent
         self.rng.shuffle(refs)
         names = self._names(refs)
-        objects = self.make_scene(present, names, query)
+        objects = self.make_scene(present, names, query, exclude=absent)
         present_names = [o.name for o in objects if o.name is not None]
         mc = self.cfg.min_caption_chars
         optional: dict[str, Any] = {"target": make_caption(objects, self.rng, min_chars=mc)}
@@ -549,17 +621,17 @@ class _World:
 
     def yes_no_sample(self, query: Path) -> TrainSample:
         """"Is <Bo> in this image?" with Bo's reference; yes half of the time."""
-        asked = self.rng.choice(self.concepts)
+        asked = self.rng.choice(self.active)
         k = self.rng.randint(1, min(3, self.cfg.max_k))
         if self.rng.random() < 0.5:
             present = [asked] + self._pick(k - 1, exclude=(asked,))
             self.rng.shuffle(present)
             answer = "yes"
         else:
-            present = self._pick(min(k, self.cfg.num_concepts - 1), exclude=(asked,))
+            present = self._pick(min(k, len(self.active) - 1), exclude=(asked,))
             answer = "no"
         names = self._names([asked] + [p for p in present if p != asked])
-        objects = self.make_scene(present, names, query)
+        objects = self.make_scene(present, names, query, exclude=[asked])
         return self._sample(f"Is <{names[asked.key]}> in this image?", answer, "yes_no", [asked],
                             names, query, objects, target=answer)
 
@@ -630,6 +702,7 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
     w = _World(cfg, out)
     w.write_references()
     img_dir = out / "images"
+    w.use("train")
 
     # Training samples: the four RePIC task types, evenly, interleaved.
     makers = ("yes_no", "yes_no_name", "yes_no_name_multi", "iou")
@@ -663,6 +736,7 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
     save_samples(sft, paths.sft)
 
     # Evaluation: exactly k concepts per query, several reference captions each.
+    w.use("eval")
     eval_samples: list[TrainSample] = []
     for k in range(1, cfg.max_k + 1):
         split = [
@@ -674,6 +748,13 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
             paths.eval[k] = out / "eval" / f"concepts_{k}.json"
             save_samples(split, paths.eval[k])
             eval_samples.append(split[0])
+
+    if cfg.names == "open" and cfg.num_eval_per_k:
+        # Recognition on unseen concepts under unseen names: "Is <Bo> in this image?".
+        yes_no = [w.yes_no_sample(img_dir / "eval_yes_no" / f"{i:05d}.png")
+                  for i in range(cfg.num_eval_per_k)]
+        paths.eval_yes_no = out / "eval" / "yes_no.json"
+        save_samples(yes_no, paths.eval_yes_no)
 
     paths.contact_sheet = out / "contact_sheet.png"
     w.contact_sheet(eval_samples, paths.contact_sheet)

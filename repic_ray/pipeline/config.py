@@ -209,6 +209,36 @@ class SFTConfig:
 
 
 @dataclass
+class VisionPretrainConfig:
+    """`repic pretrain-vision`: supervised pretraining of the vision tower on the world's
+    boxes and attributes (`repic_ray.pipeline.pretrain_vision`)."""
+
+    steps: int = 0
+    """Optimizer steps (0 = no vision pretraining)."""
+    batch_size: int = 16
+    """Query images per step (each 9 vision tokens, one per grid cell); as many centred
+    reference images ride along."""
+    lr: float = 3e-4
+    """AdamW learning rate of the tower and the attribute heads."""
+    output: str | None = None
+    """Where the checkpoint (the whole policy, tower trained) is written (default
+    `{output_dir}/vision`)."""
+    log_every: int = 100
+    """Log loss and head accuracy every N steps."""
+    eval_every: int = 500
+    """Measure the G1 gate (nearest reference on held-out triples) every N steps."""
+    eval_episodes: int = 400
+    """Episodes of the G1 gate measurement."""
+    num_threads: int = 0
+    """Torch intra-op threads (0 = torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.eval_episodes < 1:
+            raise ValueError(
+                "pretrain_vision: steps >= 0, batch_size >= 1, lr > 0, eval_episodes >= 1 required")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "repic"
     """Experiment name (used in `trainer.output_dir`)."""
@@ -233,6 +263,8 @@ class ExperimentConfig:
     """Loop length, evaluation, checkpoints, logging."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Supervised warm start (`repic sft`, or a stage of `repic train` when steps > 0)."""
+    pretrain_vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
+    """Vision-tower pretraining (`repic pretrain-vision`)."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

@@ -226,3 +226,60 @@ def test_cli(tmp_path, capsys):
     cfg = json.loads((tmp_path / "world.json").read_text())["config"]
     assert cfg["seed"] == 2 and cfg["names"] == "per_episode" and cfg["num_train"] == 4
     assert len(load_samples(tmp_path / "train" / "train.jsonl")) == 4
+
+
+@pytest.fixture(scope="module")
+def open_world(tmp_path_factory):
+    return generate_world(tmp_path_factory.mktemp("open"), seed=3, names="open", num_concepts=20,
+                          **SMALL)
+
+
+def test_open_world_evaluates_unseen_triples_under_unseen_names(open_world):
+    from repic_ray.data.names import name_split, triple_split
+
+    train_triples, held_out = triple_split()
+    train_names, eval_names = name_split()
+    db = load_database(open_world.database)
+    assert len(db) == 20 and all(c.name in eval_names for c in db)
+    training = load_samples(open_world.train) + load_samples(open_world.sft)
+    evals = [s for p in open_world.eval.values() for s in load_samples(p)]
+    check_images(database=db, samples=training + evals, decode=False)
+
+    def concepts_of(samples):
+        keys = {o["key"] for s in samples for o in s.objects if o["key"]}
+        names = {n for s in samples for n in s.ref_names}
+        return keys, names
+
+    keys, names = concepts_of(training)
+    assert keys <= {f"<{'-'.join(t)}>" for t in train_triples} and names <= set(train_names)
+    assert len(names) > 50  # names are drawn per sample
+    keys, names = concepts_of(evals)
+    assert keys <= {f"<{'-'.join(t)}>" for t in held_out} and names <= set(eval_names)
+    # Distractor objects come from the same split and are never a sample's concept.
+    for s, held in [(s, False) for s in training] + [(s, True) for s in evals]:
+        concept_keys = {o["key"] for o in s.objects if o["key"]}
+        for o in s.objects:
+            t = (o["shape"], o["colour"], o["pattern"])
+            assert (t in held_out) == held
+            if o["key"] is None:
+                assert f"<{'-'.join(t)}>" not in concept_keys
+    # Every caption prompt shows the present concepts' references plus 1-2 absent ones.
+    for s in evals:
+        assert set(s.concepts) < set(s.ref_names) and len(s.ref_names) - len(s.concepts) <= 2
+
+
+def test_open_world_answers_are_bound_to_the_shown_names(open_world):
+    for s in load_samples(open_world.train):
+        named = {o["name"]: o for o in s.objects if o["name"]}
+        if s.accu_reward_method == "yes_no":
+            asked = re.fullmatch(r"Is <(.+)> in this image\?", s.problem).group(1)
+            assert s.solution == ("yes" if asked in named else "no")
+        if s.accu_reward_method.startswith("yes_no_name"):  # caption prompts show every present concept
+            assert set(named) <= set(s.ref_names)
+
+
+def test_open_world_is_byte_identical_per_seed(tmp_path, open_world):
+    a = generate_world(tmp_path / "a", seed=3, names="open", num_concepts=20, **SMALL)
+    assert _tree_digest(a.root) == _tree_digest(open_world.root)
+    with pytest.raises(ValueError, match="num_concepts"):
+        WorldConfig(names="open", num_concepts=81)

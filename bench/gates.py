@@ -1,0 +1,186 @@
+"""Gates of the in-context personalization ladder, measured on unseen concepts with
+unseen names (held-out triples and evaluation names of an "open" world).
+
+    # G1: vision features, nearest own reference among 2-5 (absent ones included)
+    python bench/gates.py g1 --checkpoint checkpoints/tiny-vision
+    # G2 / G3: greedy captions of an open world's evaluation splits (name P / R / F1 per
+    # number of concepts, candidates = the names shown with the references) and yes/no
+    # recognition accuracy on eval/yes_no.json when the world has it
+    python bench/gates.py names --checkpoint checkpoints/tiny-sft --data WORLD_DIR
+
+Each writes JSON under bench/results/ (`--out` to change) and prints a summary. Decoding
+is greedy with transformers `generate` (one process, CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.common import finish, markdown_table, setup_env
+
+RESULTS = REPO / "bench" / "results"
+
+
+def name_scores(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, Any]:
+    """Name precision / recall / F1 per number of concepts k and overall; each caption is
+    searched for the names shown with its own references (per-sample names), with the
+    slot rule of `repic_ray.evaluation.metric` (a wrong name turns a missed slot into a miss)."""
+    from repic_ray.evaluation.metric import NameMetrics, slot_outcomes
+    from repic_ray.matching import find_names
+
+    overall, by_k = NameMetrics(), {}
+    for caption, s in zip(captions, samples, strict=True):
+        found = find_names(caption, s.ref_names)
+        outcomes = slot_outcomes(found, s.concepts, s.ref_names, False)
+        overall.add(outcomes)
+        by_k.setdefault(len(s.concepts), NameMetrics()).add(outcomes)
+    return {"overall": overall.as_dict(), "by_k": {k: m.as_dict() for k, m in sorted(by_k.items())}}
+
+
+def first_name_choice(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:
+    """For single-concept samples: what the first pool-style name in the caption is --
+    the present concept's name ("right"), another reference's ("other_reference"), a
+    string mixing the references' syllables ("mixed"), or none. Separates "binds the
+    wrong reference" from "does not copy a whole name"."""
+    from repic_ray.data.names import name_pieces
+
+    counts = {"right": 0, "other_reference": 0, "mixed": 0, "none": 0}
+    singles = [(c, s) for c, s in zip(captions, samples) if len(s.concepts) == 1]
+    for caption, s in singles:
+        names = []
+        for word in re.findall(r"[A-Z][a-z]{3,4}", caption):
+            try:
+                name_pieces(word)
+            except ValueError:
+                continue
+            names.append(word)
+        if not names:
+            counts["none"] += 1
+        elif names[0] == s.concepts[0]:
+            counts["right"] += 1
+        elif names[0] in s.ref_names:
+            counts["other_reference"] += 1
+        else:
+            counts["mixed"] += 1
+    return {k: v / max(1, len(singles)) for k, v in counts.items()}
+
+
+def yes_no_accuracy(answers: Sequence[str], samples: Sequence[Any]) -> dict[str, Any]:
+    """Share of answers whose first word is the right "yes" / "no"."""
+    def first_word(text: str) -> str:
+        words = text.strip().lower().replace(".", " ").replace(",", " ").split()
+        return words[0] if words else ""
+
+    right = [first_word(a) == s.solution for a, s in zip(answers, samples, strict=True)]
+    yes = [r for r, s in zip(right, samples) if s.solution == "yes"]
+    no = [r for r, s in zip(right, samples) if s.solution == "no"]
+    return {"accuracy": sum(right) / len(right), "n": len(right),
+            "accuracy_yes": sum(yes) / max(1, len(yes)), "accuracy_no": sum(no) / max(1, len(no))}
+
+
+def _generate(checkpoint: str, samples: Sequence[Any], max_tokens: int, batch_size: int) -> list[str]:
+    from repic_ray.evaluation.generate import greedy_captions
+    from repic_ray.models.loading import load_processor, resolve_checkpoint
+    from repic_ray.prompts import build_prompt
+    from repic_ray.rollout.config import RolloutConfig, SamplingConfig
+    from repic_ray.rollout.hf_engine import HFRolloutEngine
+
+    path = resolve_checkpoint(checkpoint)
+    processor = load_processor(path)
+    rng = random.Random(0)
+    prompts = [build_prompt(s, processor, rng=rng, suffix_mode="none") for s in samples]
+    engine = HFRolloutEngine(RolloutConfig(
+        model=path, dtype="float32", limit_images_per_prompt=max(len(s.images) for s in samples),
+        sampling=SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens)))
+    uids = [str(i) for i in range(len(prompts))]
+    return greedy_captions(engine, prompts, uids, batch_size=batch_size, max_tokens=max_tokens)
+
+
+def gate_names(args: argparse.Namespace) -> dict[str, Any]:
+    from repic_ray.data.formats import load_samples
+
+    data = Path(args.data)
+    result: dict[str, Any] = {"gate": "names", "checkpoint": args.checkpoint, "data": str(data)}
+    samples = []
+    for path in sorted((data / "eval").glob("concepts_*.json")):
+        samples += load_samples(path)[: args.max_per_k]
+    start = time.perf_counter()
+    captions = _generate(args.checkpoint, samples, args.max_tokens, args.batch_size)
+    result["names"] = name_scores(captions, samples)
+    result["first_name_choice_single"] = first_name_choice(captions, samples)
+    result["captions"] = [{"refs": s.ref_names, "present": s.concepts, "caption": c}
+                          for s, c in zip(samples, captions)]
+    yes_no_path = data / "eval" / "yes_no.json"
+    if yes_no_path.exists():
+        yn = load_samples(yes_no_path)[: args.max_yes_no]
+        answers = _generate(args.checkpoint, yn, 8, args.batch_size)
+        result["yes_no"] = yes_no_accuracy(answers, yn)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def gate_g1(args: argparse.Namespace) -> dict[str, Any]:
+    from repic_ray.models.loading import load_policy, load_processor, resolve_checkpoint
+    from repic_ray.pipeline.pretrain_vision import gate_episodes, nearest_reference_accuracy
+
+    path = resolve_checkpoint(args.checkpoint)
+    model, processor = load_policy(path), load_processor(path)
+    start = time.perf_counter()
+    res = nearest_reference_accuracy(model, processor, gate_episodes(args.episodes, seed=args.seed))
+    return {"gate": "g1", "checkpoint": args.checkpoint, "episodes": args.episodes,
+            "seed": args.seed, **res, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="gate", required=True)
+    g1 = sub.add_parser("g1", help="vision features: nearest own reference (held-out triples)")
+    g1.add_argument("--checkpoint", default="checkpoints/tiny-vision")
+    g1.add_argument("--episodes", type=int, default=1000)
+    g1.add_argument("--seed", type=int, default=1234, help="episode seed (the training log uses 1)")
+    names = sub.add_parser("names", help="greedy captions and yes/no of an open world's eval splits")
+    names.add_argument("--checkpoint", required=True)
+    names.add_argument("--data", required=True, help="world directory (`--names open`)")
+    names.add_argument("--max-per-k", type=int, default=60)
+    names.add_argument("--max-yes-no", type=int, default=200)
+    names.add_argument("--max-tokens", type=int, default=96)
+    names.add_argument("--batch-size", type=int, default=16)
+    for sp in (g1, names):
+        sp.add_argument("--out", help="JSON output (default bench/results/gate_<name>.json)")
+        sp.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    setup_env()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = gate_g1(args) if args.gate == "g1" else gate_names(args)
+    if args.gate == "g1":
+        rows = [["G1 nearest reference", f"{result['accuracy']:.4f}", result["queries"]]]
+        rows += [[f"  with {n} references", f"{a:.4f}", ""] for n, a in result["by_num_refs"].items()]
+    else:
+        rows = [[f"name F1, {k} concept(s)", f"{m['f1']:.4f}", m["records"]]
+                for k, m in result["names"]["by_k"].items()]
+        rows += [[f"name precision, {k} concept(s)", f"{m['precision']:.4f}", m["records"]]
+                 for k, m in result["names"]["by_k"].items()]
+        rows += [[f"single concept: first name is {k}", f"{v:.4f}", ""]
+                 for k, v in result["first_name_choice_single"].items()]
+        if "yes_no" in result:
+            rows.append(["yes/no accuracy", f"{result['yes_no']['accuracy']:.4f}", result["yes_no"]["n"]])
+    out = args.out or str(RESULTS / f"gate_{args.gate}.json")
+    finish(result, markdown_table(["gate", "value", "n"], rows), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""bench/gates.py: the gate metric functions (hand-checked) and both gates end to end in
+a reduced form."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from repic_ray.data.synthetic import generate_world
+
+
+def _sample(refs, present, solution=None):
+    """The fields of a `TrainSample` the gate metrics read."""
+    return SimpleNamespace(ref_names=refs, concepts=present, solution=solution)
+
+
+def test_name_scores_use_each_samples_own_reference_names():
+    from bench.gates import name_scores
+
+    samples = [
+        _sample(["Karmi", "Dotfu"], ["Karmi"]),           # right name: 1 hit
+        _sample(["Karmi", "Dotfu"], ["Karmi"]),           # wrong name only: 1 miss
+        _sample(["Sonlu", "Pixro", "Gabki"], ["Sonlu", "Pixro"]),  # one right, none wrong: 1 hit, 1 unnamed
+    ]
+    captions = ["Karmi the red dog sits at the top.", "Dotfu the red dog.",
+                "Sonlu, my cat, is here. Karmi is not a reference here."]
+    got = name_scores(captions, samples)
+    # slots 4, hits 2, misses 1 (sample 2) -> P 2/3, R 2/4; "Karmi" in caption 3 is not one
+    # of that sample's references, so it is neither a hit nor a miss.
+    assert (got["overall"]["slots"], got["overall"]["hits"], got["overall"]["misses"]) == (4, 2, 1)
+    assert got["by_k"][1]["precision"] == 0.5 and got["by_k"][2]["recall"] == 0.5
+
+
+def test_yes_no_accuracy_reads_the_first_word():
+    from bench.gates import yes_no_accuracy
+
+    samples = [_sample(["Karmi"], [], "yes"), _sample(["Karmi"], [], "no"), _sample(["Karmi"], [], "no")]
+    got = yes_no_accuracy(["Yes.", "no", "Yes, it is"], samples)
+    assert got["accuracy"] == 2 / 3 and got["accuracy_yes"] == 1.0 and got["accuracy_no"] == 0.5
+
+
+@pytest.mark.slow
+def test_gates_run_end_to_end(run_bench, tmp_path):
+    g1 = run_bench("gates.py", "g1", "--checkpoint", "tiny:qwen2.5-vl", "--episodes", "8")
+    assert g1["queries"] >= 8 and 0.0 <= g1["accuracy"] <= 1.0
+    world = generate_world(tmp_path / "w", seed=2, names="open", num_concepts=12, num_train=4, num_sft=0,
+                           num_sft_aux=0, num_eval_per_k=2, max_concepts_per_image=2)
+    res = run_bench("gates.py", "names", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root),
+                    "--max-tokens", "8", "--max-yes-no", "2")
+    assert res["names"]["overall"]["slots"] == 2 * 1 + 2 * 2 and res["yes_no"]["n"] == 2
+
+
+def test_first_name_choice_tells_wrong_binding_from_mixed_syllables():
+    from bench.gates import first_name_choice
+
+    samples = [_sample(["Garfu", "Funmi"], ["Garfu"])] * 4 + [_sample(["Garfu", "Funmi", "Tigbo"], ["Garfu", "Tigbo"])]
+    captions = ["Garfu the red dog.", "There is Funmi.", "Farfu, my dog.", "A red dog sits here.",
+                "Funmi and Garfu."]  # the 2-concept sample is not counted
+    assert first_name_choice(captions, samples) == {
+        "right": 0.25, "other_reference": 0.25, "mixed": 0.25, "none": 0.25}

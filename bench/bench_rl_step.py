@@ -11,7 +11,8 @@ sampler draws, in the same order, with gradient checkpointing as our learner has
 Reported: min / median / max seconds per step over all timed steps, and the median over
 rounds of the per-round speed ratio.
 
-    python bench/bench_rl_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --rounds 2 --out bench/results/rl_step.json
+    python bench/bench_rl_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --rounds 2 \
+        --out bench/results/rl_step.json
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     @app.get("/bench/batches")
     def batches() -> dict:
         sizes = captioner.batch_sizes
-        return {"batches": len(sizes), "mean_batch": sum(sizes) / max(len(sizes), 1), "threads": torch.get_num_threads()}
+        return {"batches": len(sizes), "mean_batch": sum(sizes) / max(len(sizes), 1),
+                "threads": torch.get_num_threads()}
 
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
     return 0

@@ -17,7 +17,8 @@ Each part is repeated `--repeats` times (min / median / max). The gap between a 
 the step and its standalone part is overhead of the pipeline (object store, scheduling,
 request building); the gap between adapter and base generation is vLLM's LoRA path.
 
-    python bench/profile_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --repeats 5 --out bench/results/profile_step.json
+    python bench/profile_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --repeats 5 \
+        --out bench/results/profile_step.json
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def reset_worker() -> None:
                 ray.get(worker.__ray_call__.remote(
-                    lambda self: (self.engine.llm.reset_prefix_cache(), self.engine.llm.llm_engine.reset_encoder_cache())))
+                    lambda self: (self.engine.llm.reset_prefix_cache(),
+                                  self.engine.llm.llm_engine.reset_encoder_cache())))
 
             def actor_generate(i: int) -> None:
                 ray.get(worker.generate.remote(batches[i], cfg.sampling, run.weights))

@@ -113,7 +113,8 @@ def spread_of(values) -> str:
     if not values or not isinstance(values, list):
         return "-"
     ordered = sorted(values)
-    mid = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    half = len(ordered) // 2
+    mid = ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
     return f"{mid:.3g} ({ordered[0]:.3g}-{ordered[-1]:.3g})"
 
 

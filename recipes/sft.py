@@ -95,7 +95,8 @@ def run_sft(cfg: ExperimentConfig, data_sft: Path | None = None) -> Path:
             batch = make_sft_batch([s for _, s in sampler.next(cfg.sft.batch_size)], processor, rng, upweight)
             stats = engine.sft_step(batch)
             if step % cfg.sft.log_every == 0 or step == cfg.sft.steps:
-                rec = {"step": step, "loss": stats.loss, "lr": stats.lr, "elapsed_s": round(time.perf_counter() - start, 1)}
+                rec = {"step": step, "loss": stats.loss, "lr": stats.lr,
+                       "elapsed_s": round(time.perf_counter() - start, 1)}
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log.info("sft %s", rec)

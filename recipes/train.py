@@ -282,7 +282,8 @@ def evaluate(run: Run, tag: str) -> dict[str, Any]:
     for k, split in sorted(run.data.eval_splits.items()):
         pairs = [make_request(f"eval{k}:{i}", s, run.processor, cfg.trainer.seed, 1) for i, s in enumerate(split)]
         requests = [r for r, _ in pairs]
-        results = collect_rollouts(launch_rollouts(run.handles.rollout, requests, cfg.eval_sampling, run.weights), requests)
+        refs = launch_rollouts(run.handles.rollout, requests, cfg.eval_sampling, run.weights)
+        results = collect_rollouts(refs, requests)
         texts = [results[r.uid].completions[0].text for r in requests]
         rollout_worker_metrics(run.handles.rollout)  # reset the workers' counters: not training samples
         records = caption_records(split, texts, [p.text for _, p in pairs])
@@ -395,7 +396,8 @@ def init_ray(cfg: ExperimentConfig, log_file: Path | None = None) -> bool:
     (vLLM, DeepSpeed, the actors' own logs) to that file instead of the console."""
     if ray.is_initialized():
         return False
-    env: dict[str, Any] = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "REPIC_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE") if k in os.environ}}
+    passed_on = ("HF_HUB_OFFLINE", "REPIC_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE")
+    env: dict[str, Any] = {"env_vars": {k: os.environ[k] for k in passed_on if k in os.environ}}
     if cfg.cluster.address == "local":
         if log_file is not None and not cfg.trainer.verbose:
             from recipes.console import worker_setup_hook

@@ -15,5 +15,6 @@ def test_repic_ray_never_imports_ray():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders += [f"{path}:{node.lineno} {n}" for n in names if n == "ray" or n.startswith(("ray.", "actors", "deploy", "recipes"))]
+            offenders += [f"{path}:{node.lineno} {n}" for n in names
+                          if n == "ray" or n.startswith(("ray.", "actors", "deploy", "recipes"))]
     assert not offenders, offenders

@@ -100,7 +100,8 @@ def quality_table(evals: dict[str, dict[str, Any]]) -> str:
         for tag, ev in evals.items():
             q = ev.get("quality", {}).get(where)
             if q is not None:
-                lines.append("| " + " | ".join([where, tag, *(_fmt(q.get(k), how) for k, _, how in QUALITY_COLUMNS)]) + " |")
+                cells = [where, tag, *(_fmt(q.get(k), how) for k, _, how in QUALITY_COLUMNS)]
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +193,9 @@ def write_report(out: str | Path, evals: dict[str, dict[str, Any]]) -> Path:
     lines += ["## Evaluation (RePIC metric, %)", "", eval_table(evals)]
     pooled = summary_rows(evals)
     if pooled:
-        lines += ["## Pooled", "", "| eval | 1-concept F1 | >=3-concept P | >=3-concept R | >=3-concept F1 |", "|---|---|---|---|---|"]
+        lines += ["## Pooled", "",
+                  "| eval | 1-concept F1 | >=3-concept P | >=3-concept R | >=3-concept F1 |",
+                  "|---|---|---|---|---|"]
         for tag, row in pooled.items():
             lines.append(
                 f"| {tag} | {_pct(row.get('k1_f1', 0))} | {_pct(row.get('k3plus_precision', 0))} | "

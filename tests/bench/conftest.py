@@ -26,7 +26,8 @@ def run_bench(tmp_path, child_env):
         proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
                               check=False)
-        assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        assert proc.returncode == 0, (
+            f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
         assert out.exists(), f"{script} wrote no JSON:\n{proc.stdout[-2000:]}"
         result = json.loads(out.read_text())
         assert "|" in proc.stdout, "no markdown table printed"

@@ -71,7 +71,8 @@ class Head:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.proc.returncode}: {(self.root / 'head.log').read_text()}")
+                head_log = (self.root / "head.log").read_text()
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}: {head_log}")
             try:
                 self.client().list_jobs()
                 return
@@ -241,7 +242,8 @@ def test_submit_job_sh_runs_a_two_step_training_job(head, tmp_path):
 
 def run_submit(args: list[str], **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([str(SUBMIT), *args], env={**base, **env}, check=False, capture_output=True, text=True, timeout=30)
+    return subprocess.run([str(SUBMIT), *args], env={**base, **env}, check=False, capture_output=True,
+                          text=True, timeout=30)
 
 
 def test_submit_job_sh_needs_ray_address():

@@ -35,7 +35,8 @@ def test_report_shows_quality_beside_names_flags_a_fall_and_quotes_captions(tmp_
     assert "## Names and caption quality (pooled)" in report
     # pooled row of "after": >=3 P 25/26, R 25/30, CIDEr-D pooled 1.20 and k1 2.10, rep4 0.260
     assert "| after | 96.2 | 83.3 | 89.3 | 100.0 | 1.20 | 2.10 | 0.260 | 45.0 | 15.0 |" in report
-    assert "**Quality fell on k3**: CIDEr-D 1.50 -> 0.40; repeated 4-grams 0.03 -> 0.51; mean words 36.0 -> 63.0" in report
+    assert ("**Quality fell on k3**: CIDEr-D 1.50 -> 0.40; repeated 4-grams 0.03 -> 0.51; "
+            "mean words 36.0 -> 63.0") in report
     assert "**Quality fell on pooled**" in report and "Quality fell on k1" not in report
     assert "| k3 | after | 0.40 | 30.0 | 25.0 | 50.0 | 0.510 | 0.400 | 63.0 | 30.0 |" in report
     assert "## Sample captions (same images)" in report

@@ -56,7 +56,8 @@ def test_lora_rank_must_fit_the_rollout_engine():
 
 
 def test_engine_must_take_the_worlds_largest_prompt():
-    with pytest.raises(ConfigError, match=r"rollout\.limit_images_per_prompt \(5\).*8 images.*data\.world\.max_concepts_per_image"):
+    with pytest.raises(ConfigError, match=r"rollout\.limit_images_per_prompt \(5\).*8 images"
+                                          r".*data\.world\.max_concepts_per_image"):
         load("--rollout.limit_images_per_prompt", "5")
     # fewer concepts per image and fewer absent references: 3 + 1 + the query fit in 5
     cfg = load("--rollout.limit_images_per_prompt", "5", "--data.world.max_concepts_per_image", "3",
@@ -89,7 +90,8 @@ def test_lora_weight_sync_needs_lora_on_both_sides():
 
 
 def test_step_batch_must_split_over_learners():
-    with pytest.raises(ConfigError, match=r"algo\.prompts_per_step x algo\.group_size \(64\).*cluster\.num_learners \(3\)"):
+    with pytest.raises(ConfigError,
+                       match=r"algo\.prompts_per_step x algo\.group_size \(64\).*cluster\.num_learners \(3\)"):
         load("--cluster.num_learners", "3")
 
 

@@ -131,7 +131,8 @@ def test_entropy_bonus_in_policy_loss():
     logits = t64([[[0.0, 0.0], [0.0, math.log(3)]]]).requires_grad_(True)
     ent = entropy_from_logits(logits)
     logp = torch.zeros(1, 2, dtype=F64)
-    loss, stats = policy_loss(logp, logp, torch.zeros(1, 2, dtype=F64), torch.ones(1, 2), LossSettings(entropy_coef=0.01), entropy_BT=ent)
+    loss, stats = policy_loss(logp, logp, torch.zeros(1, 2, dtype=F64), torch.ones(1, 2),
+                              LossSettings(entropy_coef=0.01), entropy_BT=ent)
     h1 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert_close(loss, t64(-0.01 * (math.log(2) + h1) / 2))
     assert_close(stats["entropy"], t64((math.log(2) + h1) / 2))
@@ -284,7 +285,8 @@ def test_policy_loss_vectorized_equals_loop(agg):
 
 def _loss_and_grad(logp, old, ref, adv, mask, agg, normalizer=None):
     logp = logp.detach().clone().requires_grad_(True)
-    loss, _ = policy_loss(logp, old, adv, mask, LossSettings(kl_beta=0.04, clip_high=0.28, agg=agg, max_len=10), ref_logprobs_BT=ref, normalizer=normalizer)
+    settings = LossSettings(kl_beta=0.04, clip_high=0.28, agg=agg, max_len=10)
+    loss, _ = policy_loss(logp, old, adv, mask, settings, ref_logprobs_BT=ref, normalizer=normalizer)
     loss.backward()
     return loss.detach(), logp.grad
 

@@ -130,7 +130,8 @@ def test_stop_string_cuts_text_and_sampling(engine, requests, sampled):
     req = next(r for r, res in zip(requests, sampled) if full in res.completions)
     stop = full.text[len(full.text) // 2 :][:3]
     assert stop.strip()
-    (res,) = engine.generate([req], SamplingConfig(n=SAMPLING.n if req.n is None else req.n, max_tokens=8, seed=0, stop=[stop]))
+    n = SAMPLING.n if req.n is None else req.n
+    (res,) = engine.generate([req], SamplingConfig(n=n, max_tokens=8, seed=0, stop=[stop]))
     index = next(i for r in sampled if r.uid == req.uid for i, c in enumerate(r.completions) if c is full)
     cut = res.completions[index]
     assert cut.finish_reason == "stop"
@@ -202,5 +203,6 @@ def test_bad_requests_and_updates_are_rejected_by_name(engine, requests, image_p
     with pytest.raises(ValueError, match="not in the checkpoint.*model.layers.0.nonexistent"):
         engine.update_full({"model.layers.0.nonexistent": torch.zeros(1)}, version=1)
     with pytest.raises(ValueError, match="peft adapter names"):
-        engine.update_lora({"q_proj.weight": torch.zeros(1)}, {"r": 8, "lora_alpha": 16, "target_modules": "x"}, version=1)
+        engine.update_lora({"q_proj.weight": torch.zeros(1)},
+                           {"r": 8, "lora_alpha": 16, "target_modules": "x"}, version=1)
     assert engine.policy_version == 0

@@ -271,3 +271,29 @@ def test_open_world_is_byte_identical_per_seed(tmp_path, open_world):
     assert _tree_digest(a.root) == _tree_digest(open_world.root)
     with pytest.raises(ValueError, match="num_concepts"):
         WorldConfig(names="open", num_concepts=81)
+
+
+def test_who_samples_answer_with_the_present_concepts_name_only(tmp_path):
+    from repic_ray.data.names import name_split, triple_split
+    from repic_ray.data.synthetic import WHO_QUESTION
+
+    w = generate_world(tmp_path, seed=4, names="open", num_concepts=12, num_train=0, num_sft=2,
+                       num_sft_aux=0, num_sft_who=30, num_eval_per_k=0, max_concepts_per_image=1,
+                       max_absent_refs=1)
+    sft = load_samples(w.sft)
+    who = [s for s in sft if s.extra["task"] == "who"]
+    assert len(sft) == 32 and len(who) == 30
+    train_names = set(name_split()[0])
+    train_keys = {f"<{'-'.join(t)}>" for t in triple_split()[0]}
+    for s in who:
+        (present,) = [o for o in s.objects if o["name"]]
+        assert s.problem == WHO_QUESTION and s.target == s.solution == present["name"] == s.concepts[0]
+        assert len(s.ref_names) == 2 and present["name"] in s.ref_names and set(s.ref_names) <= train_names
+        assert present["key"] in train_keys
+        # the present concept's reference image is the one shown with its name
+        ref = s.images[s.ref_names.index(present["name"])]
+        assert Path(ref).name == present["key"][1:-1] + ".png"
+    # both positions of the right reference occur
+    assert {s.ref_names.index(s.concepts[0]) for s in who} == {0, 1}
+    with pytest.raises(ValueError, match="num_sft_who"):
+        WorldConfig(num_sft_who=-1)

@@ -149,6 +149,16 @@ def gate_g2(args: argparse.Namespace) -> dict[str, Any]:
     answers = _generate(args.checkpoint, samples, args.max_tokens, args.batch_size)
     result: dict[str, Any] = {"gate": "g2", "checkpoint": args.checkpoint, "data": str(data),
                               "question": WHO_QUESTION, **binding_accuracy(answers, samples)}
+    if args.refs == 2:
+        # The same prompts with the two reference images swapped (names stay in place): a
+        # model that binds names to images must now answer the other name.
+        swapped = [dc.replace(s, images=[s.images[1], s.images[0], s.images[2]],
+                              concepts=[n for n in s.ref_names if n != s.concepts[0]])
+                   for s in samples]
+        swapped_answers = _generate(args.checkpoint, swapped, args.max_tokens, args.batch_size)
+        result["swapped_references"] = binding_accuracy(swapped_answers, swapped)
+        result["answer_unchanged_when_swapped"] = sum(
+            a == b for a, b in zip(answers, swapped_answers)) / len(answers)
     result["answers"] = [{"refs": s.ref_names, "present": s.concepts[0], "answer": a}
                          for s, a in zip(samples, answers)]
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -223,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.gate == "g2":
         rows = [["G2 binding: right name", f"{result['accuracy']:.4f}", result["n"]]]
         rows += [[f"  answer is {k}", f"{v:.4f}", ""] for k, v in result["share"].items()]
+        if "swapped_references" in result:
+            rows.append(["reference images swapped: right name",
+                         f"{result['swapped_references']['accuracy']:.4f}", result["n"]])
+            rows.append(["reference images swapped: answer unchanged",
+                         f"{result['answer_unchanged_when_swapped']:.4f}", result["n"]])
     elif args.gate == "g1":
         rows = [["G1 nearest reference", f"{result['accuracy']:.4f}", result["queries"]]]
         rows += [[f"  with {n} references", f"{a:.4f}", ""] for n, a in result["by_num_refs"].items()]

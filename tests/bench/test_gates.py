@@ -52,6 +52,7 @@ def test_gates_run_end_to_end(run_bench, tmp_path):
     assert res["names"]["overall"]["slots"] == 2 * 1 + 2 * 2 and res["yes_no"]["n"] == 2
     g2 = run_bench("gates.py", "g2", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root))
     assert g2["n"] == 2 and len(g2["answers"]) == 2 and sum(g2["share"].values()) == pytest.approx(1.0)
+    assert g2["swapped_references"]["n"] == 2 and 0.0 <= g2["answer_unchanged_when_swapped"] <= 1.0
 
 
 def test_first_name_choice_tells_wrong_binding_from_mixed_syllables():

@@ -1,4 +1,5 @@
-"""G2 experiment: the reference name placed BEFORE its image ("This is <Bo>:" [image]).
+"""G2 experiments: the reference name placed BEFORE its image ("This is <Bo>:" [image]),
+smaller vision tokens, a deeper language model.
 
 The default layout (`repic_ray.prompts`) puts each name after its image. With the name
 first, the image token itself can take in its name, so that matching the query against
@@ -9,6 +10,7 @@ the text embeddings' size (the frozen tower's merged tokens have norm ~50, the t
 embeddings ~0.2), so that an image token's residual stream can be changed by attention.
 
     python bench/g2_layout.py scale CKPT OUT --factor 0.02
+    python bench/g2_layout.py deepen CKPT OUT        # language model layers repeated twice
     python bench/g2_layout.py repic sft --config configs/sft_tiny_who.yaml \\
         --data.world_dir runs/worlds/open_who_cell --learner.model OUT --sft.output RUN
     python bench/g2_layout.py gates g2 --checkpoint RUN --data runs/worlds/open_who_cell
@@ -61,14 +63,44 @@ def scale_vision(checkpoint: str, out: str, factor: float) -> None:
     processor.save_pretrained(out)
 
 
+def deepen(checkpoint: str, out: str) -> None:
+    """Copy `checkpoint` with its language model's layers stacked twice (4 -> 8 layers),
+    a warm start for a deeper model."""
+    import copy
+
+    import torch
+
+    from repic_ray.models.loading import load_policy, load_processor, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    model, processor = load_policy(path), load_processor(path)
+    lm = model.model.language_model
+    layers = [copy.deepcopy(layer) for _ in range(2) for layer in lm.layers]
+    for i, layer in enumerate(layers):
+        layer.self_attn.layer_idx = i
+    lm.layers = torch.nn.ModuleList(layers)
+    text = model.config.text_config
+    text.num_hidden_layers = len(layers)
+    text.max_window_layers = len(layers)
+    if getattr(text, "layer_types", None):
+        text.layer_types = list(text.layer_types) * 2
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("scale", "repic", "gates"):
+    if not argv or argv[0] not in ("scale", "deepen", "repic", "gates"):
         raise SystemExit(__doc__)
     from repic_ray import prompts
 
     prompts.build_messages = name_first_messages
     cmd, rest = argv[0], argv[1:]
+    if cmd == "deepen":
+        if len(rest) != 2:
+            raise SystemExit("usage: g2_layout.py deepen CKPT OUT")
+        deepen(*rest)
+        return 0
     if cmd == "scale":
         import argparse
 

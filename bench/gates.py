@@ -7,6 +7,9 @@ unseen names (held-out triples and evaluation names of an "open" world).
     # number of concepts, candidates = the names shown with the references) and yes/no
     # recognition accuracy on eval/yes_no.json when the world has it
     python bench/gates.py names --checkpoint checkpoints/tiny-sft --data WORLD_DIR
+    # G2: binding, "Who is in the image?" on the single-concept evaluation split (2
+    # references, 1 present); exact-name accuracy of the greedy answer
+    python bench/gates.py g2 --checkpoint checkpoints/tiny-bind --data WORLD_DIR
 
 Each writes JSON under bench/results/ (`--out` to change) and prints a summary. Decoding
 is greedy with transformers `generate` (one process, CPU).
@@ -107,6 +110,61 @@ def _generate(checkpoint: str, samples: Sequence[Any], max_tokens: int, batch_si
     return greedy_captions(engine, prompts, uids, batch_size=batch_size, max_tokens=max_tokens)
 
 
+def answer_name(answer: str) -> str | None:
+    """The name an answer gives: its first word with punctuation and brackets stripped."""
+    words = re.findall(r"[A-Za-z]+", answer)
+    return words[0] if words else None
+
+
+def binding_accuracy(answers: Sequence[str], samples: Sequence[Any]) -> dict[str, Any]:
+    """Exact-name accuracy of short answers, and what the wrong ones were: another
+    reference's name, another string, nothing."""
+    counts = {"right": 0, "other_reference": 0, "other": 0}
+    for a, s in zip(answers, samples, strict=True):
+        name = answer_name(a)
+        key = ("right" if name == s.concepts[0] else
+               "other_reference" if name in s.ref_names else "other")
+        counts[key] += 1
+    n = len(samples)
+    by_refs: dict[int, list[bool]] = {}
+    for a, s in zip(answers, samples):
+        by_refs.setdefault(len(s.ref_names), []).append(answer_name(a) == s.concepts[0])
+    return {"accuracy": counts["right"] / n, "n": n,
+            "share": {k: v / n for k, v in counts.items()},
+            "by_num_refs": {r: sum(v) / len(v) for r, v in sorted(by_refs.items())}}
+
+
+def gate_g2(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses as dc
+
+    from repic_ray.data.formats import load_samples
+    from repic_ray.data.synthetic import WHO_QUESTION
+
+    data = Path(args.data)
+    samples = [s for s in load_samples(data / "eval" / "concepts_1.json") if len(s.ref_names) == args.refs]
+    samples = [dc.replace(s, problem=WHO_QUESTION) for s in samples[: args.max_samples]]
+    if not samples:
+        raise SystemExit(f"{data}/eval/concepts_1.json: no samples with {args.refs} references")
+    start = time.perf_counter()
+    answers = _generate(args.checkpoint, samples, args.max_tokens, args.batch_size)
+    result: dict[str, Any] = {"gate": "g2", "checkpoint": args.checkpoint, "data": str(data),
+                              "question": WHO_QUESTION, **binding_accuracy(answers, samples)}
+    if args.refs == 2:
+        # The same prompts with the two reference images swapped (names stay in place): a
+        # model that binds names to images must now answer the other name.
+        swapped = [dc.replace(s, images=[s.images[1], s.images[0], s.images[2]],
+                              concepts=[n for n in s.ref_names if n != s.concepts[0]])
+                   for s in samples]
+        swapped_answers = _generate(args.checkpoint, swapped, args.max_tokens, args.batch_size)
+        result["swapped_references"] = binding_accuracy(swapped_answers, swapped)
+        result["answer_unchanged_when_swapped"] = sum(
+            a == b for a, b in zip(answers, swapped_answers)) / len(answers)
+    result["answers"] = [{"refs": s.ref_names, "present": s.concepts[0], "answer": a}
+                         for s, a in zip(samples, answers)]
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
 def gate_names(args: argparse.Namespace) -> dict[str, Any]:
     from repic_ray.data.formats import load_samples
 
@@ -156,7 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     names.add_argument("--max-yes-no", type=int, default=200)
     names.add_argument("--max-tokens", type=int, default=96)
     names.add_argument("--batch-size", type=int, default=16)
-    for sp in (g1, names):
+    g2 = sub.add_parser("g2", help="binding: 'Who is in the image?' with 1 present concept")
+    g2.add_argument("--checkpoint", required=True)
+    g2.add_argument("--data", required=True, help="world directory (`--names open`)")
+    g2.add_argument("--refs", type=int, default=2, help="references per prompt (present + absent)")
+    g2.add_argument("--max-samples", type=int, default=200)
+    g2.add_argument("--max-tokens", type=int, default=8)
+    g2.add_argument("--batch-size", type=int, default=16)
+    for sp in (g1, names, g2):
         sp.add_argument("--out", help="JSON output (default bench/results/gate_<name>.json)")
         sp.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -164,8 +229,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    result = gate_g1(args) if args.gate == "g1" else gate_names(args)
-    if args.gate == "g1":
+    result = {"g1": gate_g1, "g2": gate_g2, "names": gate_names}[args.gate](args)
+    if args.gate == "g2":
+        rows = [["G2 binding: right name", f"{result['accuracy']:.4f}", result["n"]]]
+        rows += [[f"  answer is {k}", f"{v:.4f}", ""] for k, v in result["share"].items()]
+        if "swapped_references" in result:
+            rows.append(["reference images swapped: right name",
+                         f"{result['swapped_references']['accuracy']:.4f}", result["n"]])
+            rows.append(["reference images swapped: answer unchanged",
+                         f"{result['answer_unchanged_when_swapped']:.4f}", result["n"]])
+    elif args.gate == "g1":
         rows = [["G1 nearest reference", f"{result['accuracy']:.4f}", result["queries"]]]
         rows += [[f"  with {n} references", f"{a:.4f}", ""] for n, a in result["by_num_refs"].items()]
     else:

@@ -88,6 +88,9 @@ CAPTION_QUESTIONS: tuple[str, ...] = (
 )
 """RePIC's captioning questions (its evaluation scripts draw from these)."""
 
+WHO_QUESTION = "Who is in the image?"
+"""The short-answer binding question (`WorldConfig.num_sft_who`); the answer is one name."""
+
 NAME_MODES = ("fixed", "per_episode", "open")
 
 
@@ -112,6 +115,10 @@ class WorldConfig:
     """Auxiliary SFT samples appended to sft.jsonl, half "Is <Bo> in this image?" (yes/no),
     half "Where is <Bo>?" (box); each SFT record names its kind in `task`
     ("caption", "yes_no", "iou")."""
+    num_sft_who: int = 0
+    """Short-answer binding samples appended to sft.jsonl after the auxiliary ones: one
+    present concept, its reference and 1..max_absent_refs absent ones, the question
+    "Who is in the image?" and the target just the present concept's name (`task` "who")."""
     num_eval_per_k: int = 24
     """Evaluation queries per concept count k (files eval/concepts_{k}.json)."""
     max_concepts_per_image: int = 5
@@ -135,7 +142,7 @@ class WorldConfig:
                         else min(len(NAMES), len(SHAPES) * len(COLOURS) * len(PATTERNS)))
         if not 2 <= self.num_concepts <= max_concepts:
             raise ValueError(f"num_concepts: must be in [2, {max_concepts}], got {self.num_concepts}")
-        for name in ("num_train", "num_sft", "num_sft_aux", "num_eval_per_k"):
+        for name in ("num_train", "num_sft", "num_sft_aux", "num_sft_who", "num_eval_per_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.sft_single_fraction <= 1.0:
@@ -619,6 +626,14 @@ class _World:
                 caps.append(cap)
         return caps
 
+    def who_sample(self, query: Path) -> TrainSample:
+        """"Who is in the image?" about a query with one present concept; the target is its
+        name alone, so the whole loss is on choosing the right reference."""
+        sample = self.caption_sample(1, query)
+        sample.problem = WHO_QUESTION
+        sample.target = sample.solution
+        return sample
+
     def yes_no_sample(self, query: Path) -> TrainSample:
         """"Is <Bo> in this image?" with Bo's reference; yes half of the time."""
         asked = self.rng.choice(self.active)
@@ -733,6 +748,10 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
         query = img_dir / "sft" / f"{i:05d}.png"
         sft.append(w.yes_no_sample(query) if i % 2 == 0 else w.iou_sample(query))
         sft[-1].extra["task"] = sft[-1].accu_reward_method
+    start = cfg.num_sft + cfg.num_sft_aux
+    for i in range(start, start + cfg.num_sft_who):
+        sft.append(w.who_sample(img_dir / "sft" / f"{i:05d}.png"))
+        sft[-1].extra["task"] = "who"
     save_samples(sft, paths.sft)
 
     # Evaluation: exactly k concepts per query, several reference captions each.

@@ -45,10 +45,14 @@ def test_gates_run_end_to_end(run_bench, tmp_path):
     g1 = run_bench("gates.py", "g1", "--checkpoint", "tiny:qwen2.5-vl", "--episodes", "8")
     assert g1["queries"] >= 8 and 0.0 <= g1["accuracy"] <= 1.0
     world = generate_world(tmp_path / "w", seed=2, names="open", num_concepts=12, num_train=4, num_sft=0,
-                           num_sft_aux=0, num_eval_per_k=2, max_concepts_per_image=2)
+                           num_sft_aux=0, num_eval_per_k=2, max_concepts_per_image=2,
+                           max_absent_refs=1)
     res = run_bench("gates.py", "names", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root),
                     "--max-tokens", "8", "--max-yes-no", "2")
     assert res["names"]["overall"]["slots"] == 2 * 1 + 2 * 2 and res["yes_no"]["n"] == 2
+    g2 = run_bench("gates.py", "g2", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root))
+    assert g2["n"] == 2 and len(g2["answers"]) == 2 and sum(g2["share"].values()) == pytest.approx(1.0)
+    assert g2["swapped_references"]["n"] == 2 and 0.0 <= g2["answer_unchanged_when_swapped"] <= 1.0
 
 
 def test_first_name_choice_tells_wrong_binding_from_mixed_syllables():
@@ -59,3 +63,12 @@ def test_first_name_choice_tells_wrong_binding_from_mixed_syllables():
                 "Funmi and Garfu."]  # the 2-concept sample is not counted
     assert first_name_choice(captions, samples) == {
         "right": 0.25, "other_reference": 0.25, "mixed": 0.25, "none": 0.25}
+
+
+def test_binding_accuracy_counts_exact_names_and_tells_wrong_reference_apart():
+    from bench.gates import binding_accuracy
+
+    samples = [_sample(["Garfu", "Funmi"], ["Garfu"])] * 4
+    got = binding_accuracy(["Garfu", "<Funmi>.", "Farfu", ""], samples)
+    assert got["accuracy"] == 0.25 and got["n"] == 4
+    assert got["share"] == {"right": 0.25, "other_reference": 0.25, "other": 0.5}

@@ -283,3 +283,56 @@ def test_open_world_is_byte_identical_per_seed(tmp_path, open_world):
     assert _tree_digest(a.root) == _tree_digest(open_world.root)
     with pytest.raises(ValueError, match="num_concepts"):
         WorldConfig(names="open", num_concepts=81)
+
+
+def test_who_samples_answer_with_the_present_concepts_name_only(tmp_path):
+    from repic_ray.data.names import name_split, triple_split
+    from repic_ray.data.synthetic import WHO_QUESTION
+
+    w = generate_world(tmp_path, seed=4, names="open", num_concepts=12, num_train=0, num_sft=2,
+                       num_sft_aux=0, num_sft_who=30, num_eval_per_k=0, max_concepts_per_image=1,
+                       max_absent_refs=1)
+    sft = load_samples(w.sft)
+    who = [s for s in sft if s.extra["task"] == "who"]
+    assert len(sft) == 32 and len(who) == 30
+    train_names = set(name_split()[0])
+    train_keys = {f"<{'-'.join(t)}>" for t in triple_split()[0]}
+    for s in who:
+        (present,) = [o for o in s.objects if o["name"]]
+        assert s.problem == WHO_QUESTION and s.target == s.solution == present["name"] == s.concepts[0]
+        assert len(s.ref_names) == 2 and present["name"] in s.ref_names and set(s.ref_names) <= train_names
+        assert present["key"] in train_keys
+        # the present concept's reference image is the one shown with its name
+        ref = s.images[s.ref_names.index(present["name"])]
+        assert Path(ref).name == present["key"][1:-1] + ".png"
+    # both positions of the right reference occur
+    assert {s.ref_names.index(s.concepts[0]) for s in who} == {0, 1}
+    with pytest.raises(ValueError, match="num_sft_who"):
+        WorldConfig(num_sft_who=-1)
+
+
+def test_cell_queries_cut_each_query_to_its_concepts_cell(tmp_path):
+    from repic_ray.data.cell_queries import convert
+
+    src = generate_world(tmp_path / "src", seed=5, names="open", num_concepts=12, num_train=4,
+                         num_sft=0, num_sft_aux=0, num_sft_who=6, num_eval_per_k=3,
+                         max_concepts_per_image=2)
+    counts = convert(src.root, tmp_path / "dst")
+    assert counts == {"sft.jsonl": 6, "eval/concepts_1.json": 3}  # 2-concept samples skipped
+    before = load_samples(src.sft)
+    after = load_samples(tmp_path / "dst" / "sft.jsonl")
+    for a, b in zip(after, before):
+        assert (a.ref_names, a.target, a.problem) == (b.ref_names, b.target, b.problem)
+        (obj,) = a.objects
+        (orig,) = [o for o in b.objects if o["name"]]
+        cell = load_image(a.images[-1])
+        assert cell.size == (28, 28)
+        # the cut cell is exactly the query's pixels at the concept's cell
+        x0, y0 = (orig["cell"] % GRID) * 28, (orig["cell"] // GRID) * 28
+        full = np.asarray(load_image(b.images[-1]))[y0:y0 + 28, x0:x0 + 28]
+        assert np.array_equal(np.asarray(cell), full)
+        assert obj["box"] == [orig["box"][0] - x0, orig["box"][1] - y0, orig["box"][2] - x0, orig["box"][3] - y0]
+        assert all(Path(p).exists() for p in a.images)
+    check_images(samples=load_samples(tmp_path / "dst" / "train" / "train.jsonl"), decode=False)
+    with pytest.raises(ValueError, match="differ"):
+        convert(src.root, src.root)

@@ -157,7 +157,7 @@ def test_retrieval_mode_finds_a_new_users_concepts_under_their_names(service, tm
     from repic_ray.data.synthetic import generate_world
 
     base, _, admin, _ = service
-    erin = _user(base, admin, "erin")
+    erin = _user(base, admin, "fiona")
     world = generate_world(tmp_path / "world", seed=90_001, num_concepts=10, num_train=0,
                            num_sft=0, num_sft_aux=0, num_eval_per_k=10, max_concepts_per_image=2)
     fresh = {}

@@ -14,7 +14,7 @@ import ray
 
 from recipes import train as driver
 
-from .test_driver import same, tiny_cfg
+from tests.recipes.test_train import same, tiny_cfg
 
 pytestmark = pytest.mark.slow
 STEPS = 4

@@ -13,7 +13,6 @@ import pytest
 import ray
 
 from recipes import train as driver
-
 from tests.recipes.test_train import same, tiny_cfg
 
 pytestmark = pytest.mark.slow

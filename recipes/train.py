@@ -373,6 +373,11 @@ def restore_checkpoint(run: Run, path: Path) -> None:
     run.pending = None
     run.weights = run.handles.learners.export(run.cfg.cluster.weight_sync, run.version) if run.version else None
     run.metrics.truncate(run.step)
+    # Checkpoints after this step belong to the abandoned continuation (as its metrics
+    # lines do): a later recovery must not jump forward into them.
+    for newer in checkpoint_dirs(run.out):
+        if int(newer.name.split("_")[1]) > run.step:
+            shutil.rmtree(newer, ignore_errors=True)
     log.info("resumed from %s at step %d", path, run.step)
 
 

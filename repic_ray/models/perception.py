@@ -40,43 +40,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from repic_ray.data.names import Triple, all_triples, triple_split
 from repic_ray.data.synthetic import GRID, _background, draw_object
-from repic_ray.data.vocab import CATEGORIES, COLOURS, PATTERNS, SHAPE_CATEGORY, SHAPES
-
-Triple = tuple[str, str, str]
-
-SPLIT_SEED = 20261127
-"""Seed of the fixed held-out triple split (not any world's seed)."""
-HELD_OUT_TRIPLES = 80
-"""Shape x colour x pattern triples (of 320) never used to train the CLIP."""
-
-
-def all_triples() -> list[Triple]:
-    """Every (shape, colour, pattern), in vocabulary order (320)."""
-    return [(s, c, p) for s in SHAPES for c in COLOURS for p in PATTERNS]
-
-
-def triple_split() -> tuple[tuple[Triple, ...], tuple[Triple, ...]]:
-    """(training triples, held-out triples), each in vocabulary order. Every single
-    attribute value and every pair of values still occurs in training, so a held-out
-    triple is a new combination of seen attributes."""
-    triples = all_triples()
-    order = list(triples)
-    random.Random(SPLIT_SEED).shuffle(order)
-    held: set[Triple] = set()
-    pairs_left: dict[tuple[int, str, str], int] = {}
-    for t in triples:
-        for key in ((0, t[0], t[1]), (1, t[0], t[2]), (2, t[1], t[2])):
-            pairs_left[key] = pairs_left.get(key, 0) + 1
-    for t in order:
-        if len(held) == HELD_OUT_TRIPLES:
-            break
-        keys = ((0, t[0], t[1]), (1, t[0], t[2]), (2, t[1], t[2]))
-        if all(pairs_left[k] > 1 for k in keys):
-            held.add(t)
-            for k in keys:
-                pairs_left[k] -= 1
-    return (tuple(t for t in triples if t not in held), tuple(t for t in triples if t in held))
+from repic_ray.data.vocab import CATEGORIES, SHAPE_CATEGORY
 
 
 def shape_categories() -> dict[str, str]:

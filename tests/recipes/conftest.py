@@ -1,4 +1,4 @@
-"""A private local Ray cluster for the actor tests of one module."""
+"""A private local Ray cluster for the tests of one module (recipes and actors)."""
 
 from __future__ import annotations
 

@@ -33,6 +33,18 @@ class WeightsRef:
     version: int
     kind: str
     ref: Any
+    """None: the checkpoint the rollout engines were built from (version 0)."""
+
+    @classmethod
+    def base(cls, kind: str) -> WeightsRef:
+        """The initial policy: what a run restored to step 0 publishes, so that workers
+        still serving a later version go back to the base weights."""
+        return cls(version=0, kind=kind, ref=None)
+
+    def key(self) -> tuple[int, str | None]:
+        """Identifies one publication. A version number alone does not: after a restore
+        the run counts versions again from the checkpoint's, with different weights."""
+        return self.version, None if self.ref is None else self.ref.hex()
 
 
 class RolloutWorker:
@@ -48,6 +60,7 @@ class RolloutWorker:
 
         self.engine = VLLMRolloutEngine(cfg)
         self.metrics = MetricsLogger()
+        self.serving: tuple[int, str | None] = (0, None)  # `WeightsRef.key()` of the base checkpoint
 
     def generate(
         self, requests: list[RolloutRequest], sampling: SamplingConfig, weights: WeightsRef | None
@@ -66,14 +79,17 @@ class RolloutWorker:
         return self.metrics.reduce()
 
     def sync(self, weights: WeightsRef | None) -> int:
-        """Load `weights` unless this engine already serves that version."""
-        if weights is not None and weights.version != self.engine.policy_version:
-            payload = ray.get(weights.ref)
-            if weights.kind == "lora":
-                tensors, peft_config = payload
+        """Load `weights` unless this engine already serves that publication (None: keep
+        the current weights). Returns the policy version served."""
+        if weights is not None and weights.key() != self.serving:
+            if weights.ref is None:
+                self.engine.load_base()
+            elif weights.kind == "lora":
+                tensors, peft_config = ray.get(weights.ref)
                 self.engine.update_lora(tensors, peft_config, weights.version)
             else:
-                self.engine.update_full(payload, weights.version)
+                self.engine.update_full(ray.get(weights.ref), weights.version)
+            self.serving = weights.key()
         return self.engine.policy_version
 
     def pid(self) -> int:

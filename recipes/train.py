@@ -261,6 +261,10 @@ def training_step(run: Run) -> dict[str, float]:
         "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
         **{f"time/{k}": v for k, v in timer.seconds.items()},
         **rollout_worker_metrics(run.handles.rollout),
+        # The step's own counts, not the workers' counters: a worker killed after it
+        # generated is restarted without the counters of its dead process.
+        "rollout/samples": float(len(completions)),
+        "rollout/tokens": float(tokens),
     }
     for name, values in scored.components.items():
         values = np.asarray(values, dtype=np.float64)
@@ -371,7 +375,11 @@ def restore_checkpoint(run: Run, path: Path) -> None:
     if "drift" in state:
         run.drift.load_state_dict(state["drift"])
     run.pending = None
-    run.weights = run.handles.learners.export(run.cfg.cluster.weight_sync, run.version) if run.version else None
+    # Workers may serve a later version (the abandoned continuation's): publish the
+    # restored version (at step 0, the base checkpoint); each worker loads it on its next call.
+    kind = run.cfg.cluster.weight_sync
+    run.weights = run.handles.learners.export(kind, run.version) if run.version else WeightsRef.base(kind)
+    rollout_worker_metrics(run.handles.rollout)  # drop the abandoned steps' generation counters
     run.metrics.truncate(run.step)
     # Checkpoints after this step belong to the abandoned continuation (as its metrics
     # lines do): a later recovery must not jump forward into them.

@@ -218,6 +218,18 @@ class VLLMRolloutEngine:
         self._drop_lora()
         self._weights_changed(version)
 
+    def load_base(self) -> None:
+        """Serve the checkpoint the engine was built from (`cfg.model`) again, as version 0:
+        the adapter is dropped and replaced full weights are reloaded from disk."""
+        if self._full_dir is not None:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_path": self.cfg.model, "is_checkpoint_format": True}
+            )
+            shutil.rmtree(self._full_dir, ignore_errors=True)
+            self._full_dir = None
+        self._drop_lora()
+        self._weights_changed(0)
+
     def _drop_lora(self) -> None:
         old = self._lora_request
         self._lora_request = None

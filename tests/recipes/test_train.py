@@ -2,8 +2,8 @@
 
 One run (2 rollout workers, 1 reward actor, 1 learner) is shared by the tests in this
 module, in order: a step, a resumed step equal to the uninterrupted one, a killed rollout
-worker, a killed reward actor, a killed learner, async mode, full-weight sync. Slow:
-~5-10 minutes on 2 cores.
+worker, a killed reward actor, a killed learner, async mode, full-weight sync, workers
+sent back to the base checkpoint. Slow: ~5-10 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import math
 import pytest
 import ray
 
+from actors.workers import WeightsRef
 from recipes import train
 from repic_ray.config import load_config
 from repic_ray.pipeline.config import ExperimentConfig
+from repic_ray.pipeline.episodes import make_request
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +159,21 @@ def test_full_weight_sync_reaches_every_worker(run):
     metrics = train.training_step(run)  # rollouts from merged full weights, learner on LoRA
     assert metrics["rollout/logprob_mismatch"] < 1e-3
     assert metrics["rollout/samples"] == run.cfg.algo.prompts_per_step * run.cfg.algo.group_size
+
+
+def test_workers_go_back_to_the_base_checkpoint_and_forward_again(run):
+    """What a restore to step 0 publishes (`WeightsRef.base`): a worker serving a trained
+    policy goes back to the checkpoint it was built from; the next publication brings the
+    policy back (a worker never keeps weights because of a version number alone)."""
+    cfg, worker = run.cfg, run.handles.rollout[0]
+    request = make_request("probe", run.data.train[0], run.processor, cfg.trainer.seed, cfg.algo.group_size)[0]
+
+    def sample(weights):
+        (result,) = ray.get(worker.generate.remote([request], cfg.sampling, weights))
+        return [(c.token_ids, c.logprobs) for c in result.completions]
+
+    base = WeightsRef.base(cfg.cluster.weight_sync)  # full weights: the test above switched
+    on_base = sample(base)
+    assert sample(run.weights) != on_base  # the policy has trained for several steps
+    assert sample(base) == on_base  # reloaded from disk: the same tokens and log-probs
+    train.rollout_worker_metrics(run.handles.rollout)  # probes, not training samples

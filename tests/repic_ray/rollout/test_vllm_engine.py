@@ -156,7 +156,6 @@ def test_vision_special_tokens_are_never_sampled(engine, requests):
 
 def test_update_lora_takes_effect_and_matches_peft(engine, hf, requests):
     model, processor = hf
-    original = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         for version, seed in ((1, 11), (2, 12)):
             peft_model, tensors, peft_config = make_lora_update(model, seed)
@@ -168,8 +167,8 @@ def test_update_lora_takes_effect_and_matches_peft(engine, hf, requests):
             assert_logprobs_match(engine, peft_model, processor, requests, results)
             assert max_logprob_gap(model, processor, engine, requests, results) > 1e-2
     finally:
-        engine.update_full(original, version=0)
-    assert engine._lora_request is None
+        engine.load_base()
+    assert engine._lora_request is None and engine.policy_version == 0
     assert_logprobs_match(engine, model, processor, requests[:2], engine.generate(requests[:2], SAMPLING))
 
 
@@ -187,7 +186,8 @@ def test_update_full_takes_effect_and_matches_transformers(engine, hf, requests,
         assert_logprobs_match(engine, new_model, processor, requests, results)
         assert max_logprob_gap(model, processor, engine, requests, results) > 1e-2
     finally:
-        engine.update_full(original, version=0)
+        engine.load_base()  # the checkpoint's weights, reloaded from disk
+    assert engine._full_dir is None and engine.policy_version == 0
     again = engine.generate(requests, SAMPLING)
     assert [c.token_ids for r in again for c in r.completions] == [c.token_ids for r in sampled for c in r.completions]
 

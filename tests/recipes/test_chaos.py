@@ -1,4 +1,4 @@
-"""Chaos: a seeded short run in which a rollout worker, the reward actor and the learner
+"""Chaos: a seeded 10-step run in which a rollout worker, the reward actor and the learner
 are each killed once, in a seeded order at seeded moments (mid-generate, mid-score,
 mid-train or mid-save), ends with every metric of the same run undisturbed; past
 `cluster.max_actor_restarts` learner failures, the run stops with a message naming the
@@ -18,9 +18,9 @@ from recipes import train as driver
 from tests.recipes.test_train import tiny_cfg
 
 pytestmark = pytest.mark.slow
-# Kills wait for steps 0, 1 and 2 and leave the last step alone: 5 steps give the third
-# kill (at most 0.8 s after its step starts) at least two steps to land in.
-STEPS = 5
+# Three kills wait for three seeded steps among the first STEPS - 2 and leave the last
+# step alone, so the last kill (at most 0.8 s after its step starts) has room to land.
+STEPS = 10
 ROLES = ("rollout", "reward", "learner")
 
 
@@ -36,8 +36,8 @@ class Killer(threading.Thread):
         # Each kill is tied to the run's progress, not to wall time (a fast machine would
         # finish before a timed kill): wait for a seeded step, then a seeded fraction of a
         # second into it, so the kill lands mid-phase (generate, score, train or save).
-        for i, role in enumerate(self.rng.sample(ROLES, len(ROLES))):
-            target = min(i, STEPS - 2)
+        targets = sorted(self.rng.sample(range(STEPS - 2), len(ROLES)))
+        for target, role in zip(targets, self.rng.sample(ROLES, len(ROLES))):
             while self.run_.step < target:
                 time.sleep(0.02)
             time.sleep(self.rng.uniform(0.05, 0.8))
@@ -55,7 +55,7 @@ class Killer(threading.Thread):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_local):
     cfg = tiny_cfg(tmp_path_factory.mktemp("chaos"), **{
-        "trainer.steps": STEPS, "trainer.keep_checkpoints": 10, "trainer.eval_before": "false"})
+        "trainer.steps": STEPS, "trainer.keep_checkpoints": STEPS + 2, "trainer.eval_before": "false"})
     r = driver.start_run(cfg)
     r.data.eval_splits = {}
     yield r

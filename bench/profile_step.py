@@ -90,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.steps):
                 with Stopwatch() as sw:
                     m = driver.training_step(run)
-                steps.append({"seconds": sw.seconds, **{k[5:]: v for k, v in m.items() if k.startswith("time/")}})
+                steps.append({"seconds": sw.seconds, **{k[5:]: v for k, v in m.items() if k.startswith("time/")},
+                              "worker_generate": m["rollout/worker_generate_s"]})
             results["pipeline_step"] = {
                 "step_seconds": spread([s["seconds"] for s in steps]),
-                "phases_median": {k: spread([s[k] for s in steps])["median"] for k in steps[0] if k != "seconds"},
+                "phases_median": {k: spread([s[k] for s in steps])["median"] for k in steps[0]
+                                  if k not in ("seconds", "worker_generate")},
+                # of the generate phase, the time inside the worker's engine.generate (the
+                # rest: weight load, request transfer, results back)
+                "worker_generate_median": spread([s["worker_generate"] for s in steps])["median"],
             }
             facts = {"driver": process_facts()}
             worker, learners = run.handles.rollout[0], run.handles.learners
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     phases = results["pipeline_step"]["phases_median"]
     rows = [["pipeline step (whole)", results["pipeline_step"]["step_seconds"]["median"], ""]]
     rows += [[f"  phase {k}", v, ""] for k, v in phases.items()]
+    rows.append(["    of generate: the worker's engine.generate",
+                 results["pipeline_step"]["worker_generate_median"], ""])
     for key, label in (("generate_via_actor", f"generate, rollout actor ({cfg.cluster.weight_sync} sync)"),
                        ("generate_direct_base", "generate, engine in-process, base weights"),
                        ("generate_direct_lora", "generate, engine in-process, adapter"),

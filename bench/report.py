@@ -76,6 +76,9 @@ def render_serving(r: dict) -> str:
 def render_profile(r: dict) -> str:
     rows = [["pipeline step", _spread(r["pipeline_step"]["step_seconds"])]]
     rows += [[f"  its phase `{k}`", f"{v:.3g}"] for k, v in r["pipeline_step"]["phases_median"].items()]
+    if "worker_generate_median" in r["pipeline_step"]:
+        inside = r["pipeline_step"]["worker_generate_median"]
+        rows.append(["    of `generate`: the worker's engine.generate", f"{inside:.3g}"])
     sync = r.get("setup", {}).get("weight_sync", "lora")
     labels = {"generate_via_actor": f"generate via rollout actor ({sync} sync)",
               "generate_via_actor_lora": "generate via rollout actor (lora sync)",

@@ -200,5 +200,6 @@ class TrainStats:
     policy_version: int = 0
     """Number of optimizer steps taken after this one."""
     logprob_mismatch: float = float("nan")
-    """Token mean of |learner log-prob - `old_logprobs_BT` as sent| before the update
-    (RL steps; for rollouts, the learner-vs-rollout mismatch); NaN for SFT."""
+    """Token mean of |learner log-prob - `old_logprobs_BT` as sent| before the update, on
+    the training forward (an eval forward for an on-policy batch when the policy has
+    dropout); for rollout log-probs, the learner-vs-rollout mismatch. NaN for SFT."""

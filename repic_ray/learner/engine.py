@@ -576,11 +576,12 @@ class LearnerEngine:
         # Old log-probs of an on-policy batch are the training forward's own, detached (the
         # ratio is exactly 1 and its gradient that of log p), as a separate pass on the same
         # weights would give. A forward with dropout is not the policy's distribution: then an
-        # eval pass gives the old log-probs (on-policy) and the mismatch instead.
+        # eval pass gives them, and the mismatch. (Off-policy batches keep the old log-probs
+        # sent; their mismatch is measured on the training forward, dropout included.)
         sent_BT = batch.old_logprobs_BT
-        eval_lp_BT = self.compute_logprobs(batch) if self.dropout_active else None
+        eval_lp_BT = self.compute_logprobs(batch) if batch.on_policy and self.dropout_active else None
         forward_is_old = batch.on_policy and eval_lp_BT is None
-        if eval_lp_BT is not None and batch.on_policy:
+        if eval_lp_BT is not None:
             batch = dataclasses.replace(batch, old_logprobs_BT=eval_lp_BT)
 
         settings = LossSettings(clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,

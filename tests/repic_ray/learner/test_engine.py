@@ -211,6 +211,35 @@ def test_on_policy_step_equals_a_separate_logprob_pass(learner, images, tmp_path
     torch.testing.assert_close(torch.tensor(a.logprob_mismatch), torch.tensor(0.0), atol=1e-5, rtol=0)
 
 
+def test_on_policy_step_with_dropout_takes_old_logprobs_from_an_eval_pass(images, tmp_path):
+    # With LoRA dropout the training forward is not the policy's distribution: an
+    # on-policy batch then gets its old log-probs from one eval pass inside train_step,
+    # exactly what the driver's separate pass gave (same update, dropout masks included).
+    from repic_ray.learner import LoraConfig
+
+    eng = LearnerEngine(tiny_config(lora=LoraConfig(r=8, alpha=16.0, dropout=0.2)), master_port=free_port())
+    try:
+        assert eng.dropout_active
+        _step_away_from_init(eng, images, steps=1)
+        eng.save_checkpoint(tmp_path)
+        adv = [1.0, -1.0, 0.5, -0.5]
+        sep = train_batch(eng.processor, images, adv)
+        sep.old_logprobs_BT = eng.compute_logprobs(sep)
+        a = eng.train_step(sep)
+        lora_a = _lora_params(eng)
+        eng.load_checkpoint(tmp_path)
+        on = train_batch(eng.processor, images, adv, old_logprobs_BT=sep.old_logprobs_BT - 0.01)
+        on.on_policy = True
+        b = eng.train_step(on)
+        for field in ("loss", "policy_loss", "kl", "clip_frac", "grad_norm"):
+            torch.testing.assert_close(torch.tensor(getattr(b, field)), torch.tensor(getattr(a, field)), msg=field)
+        for name, value in _lora_params(eng).items():
+            torch.testing.assert_close(value, lora_a[name], msg=name)
+        torch.testing.assert_close(torch.tensor(b.logprob_mismatch), torch.tensor(0.01), atol=1e-5, rtol=0)
+    finally:
+        eng.close()
+
+
 def test_export_lora_round_trips_into_peft(learner, images, tmp_path):
     from peft import PeftModel
     from safetensors.torch import save_file

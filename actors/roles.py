@@ -47,6 +47,12 @@ def _role_group(res: RoleResources, count: int, strategy: str, name: str, gpus: 
     return pg
 
 
+def _thread_env(res: RoleResources) -> dict[str, Any] | None:
+    """The actor's runtime env for `res.num_threads` (torch reads OMP_NUM_THREADS at start;
+    Ray would set it to the actor's CPUs)."""
+    return {"env_vars": {"OMP_NUM_THREADS": str(res.num_threads)}} if res.num_threads else None
+
+
 def _in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(
         placement_group=pg, placement_group_bundle_index=index, placement_group_capture_child_tasks=True
@@ -68,7 +74,7 @@ def create_rollout_workers(cfg: ExperimentConfig) -> tuple[list[Any], PlacementG
             max_restarts=cfg.cluster.max_actor_restarts,
             max_task_retries=-1,
             scheduling_strategy=_in_bundle(pg, i),
-        ).remote(cfg.rollout, index=i)
+        ).remote(cfg.rollout, index=i, num_threads=res.num_threads)
         for i in range(cfg.cluster.num_rollout_workers)
     ]
     return workers, pg
@@ -87,6 +93,7 @@ def create_reward_actors(cfg: ExperimentConfig) -> tuple[list[Any], PlacementGro
             max_restarts=cfg.cluster.max_actor_restarts,
             max_task_retries=-1,
             scheduling_strategy=_in_bundle(pg, i),
+            runtime_env=_thread_env(res),
         ).remote(cfg.reward)
         for i in range(cfg.cluster.num_reward_actors)
     ]
@@ -137,6 +144,7 @@ class LearnerGroup:
                 num_gpus=res.num_gpus,
                 resources=res.resources or None,
                 scheduling_strategy=_in_bundle(self.pg, rank),
+                runtime_env=_thread_env(res),
             ).remote(cfg, rank=rank, world_size=num, master_addr=addr, master_port=port or found_port)
             for rank in range(num)
         ]

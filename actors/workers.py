@@ -47,16 +47,24 @@ class WeightsRef:
         return self.version, None if self.ref is None else self.ref.hex()
 
 
+def cpu_binding(index: int, num_threads: int, cpus: int) -> str:
+    """vLLM's CPU list for rollout worker `index` of a node with `cpus` cores: `num_threads`
+    consecutive cores (1 when 0), worker i starting where worker i - 1 ended, wrapping."""
+    n = max(1, min(num_threads or 1, cpus))
+    return ",".join(str((index * n + k) % cpus) for k in range(n))
+
+
 class RolloutWorker:
     """A vLLM rollout engine that keeps itself at the published policy version."""
 
-    def __init__(self, cfg: RolloutConfig, index: int = 0):
+    def __init__(self, cfg: RolloutConfig, index: int = 0, num_threads: int = 0):
         from repic_ray.rollout.vllm_engine import VLLMRolloutEngine
 
         if not ray.get_gpu_ids() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             # On CPU, vLLM's automatic binding pins every engine of a node to the same
-            # core; spread the workers of a node over its cores instead.
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(index % (os.cpu_count() or 1))
+            # core; spread the workers of a node over its cores instead, `num_threads`
+            # cores each (0: one).
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(index, num_threads, os.cpu_count() or 1)
 
         self.engine = VLLMRolloutEngine(cfg)
         self.metrics = MetricsLogger()

@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     if not kinds or set(kinds) - {"lora", "full"}:
         raise SystemExit(f"--kinds: expected a subset of lora,full, got {args.kinds!r}")
     common = [*step_overrides(args), "--cluster.num_rollout_workers", str(args.workers)]
-    cfgs = {k: bench_config(args, [*common, "--cluster.weight_sync", k, "--trainer.output_dir",
+    # LoRA sync needs an engine with LoRA enabled; full sync serves merged weights without it.
+    cfgs = {k: bench_config(args, [*common, "--cluster.weight_sync", k, "--rollout.enable_lora", str(k == "lora"),
+                                   "--trainer.output_dir",
                                    f"/tmp/bench-weight-sync-{os.getpid()}-{k}"], name=f"bench_sync_{k}")
             for k in kinds}
     results = {}

@@ -5,12 +5,16 @@ steps (the LoRA adapter exists), `--steps` timed `training_step`s give the pipel
 phase times. Then, for one batch of the same shape (P prompts x G samples, fresh prompts
 every call, the engines' caches reset before each call):
 
-- generate through the rollout worker actor (the adapter of the last step), as the driver
+- generate through the rollout worker actor (the policy of the last step, as the run
+  publishes it: LoRA tensors or merged weights, `cluster.weight_sync`), as the driver
   calls it;
-- generate with a vLLM engine built in this process from the same config, with that
-  adapter and with the base weights (no adapter);
+- generate with a vLLM engine built in this process from the same config (LoRA enabled):
+  with the base weights, with the last step's LoRA adapter, and with that adapter merged
+  into full weights (what `cluster.weight_sync: full` serves);
 - the learner update through `LearnerGroup` (the actor), and the actor's own
-  `compute_logprobs` (the experience phase's pass);
+  `compute_logprobs` (the experience phase's pass, when the run makes one);
+- publishing a new policy version (the learner's export) and the rollout worker loading
+  it (fetch, write, `add_lora` or `reload_weights`, cache resets): the weight sync;
 - the torch thread count and CPU affinity of every actor process.
 
 Each part is repeated `--repeats` times (min / median / max). The gap between a phase in
@@ -23,6 +27,7 @@ request building); the gap between adapter and base generation is vLLM's LoRA pa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -85,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.steps):
                 with Stopwatch() as sw:
                     m = driver.training_step(run)
-                steps.append({"seconds": sw.seconds, **{k[5:]: v for k, v in m.items() if k.startswith("time/")}})
+                steps.append({"seconds": sw.seconds, **{k[5:]: v for k, v in m.items() if k.startswith("time/")},
+                              "worker_generate": m["rollout/worker_generate_s"]})
             results["pipeline_step"] = {
                 "step_seconds": spread([s["seconds"] for s in steps]),
-                "phases_median": {k: spread([s[k] for s in steps])["median"] for k in steps[0] if k != "seconds"},
+                "phases_median": {k: spread([s[k] for s in steps])["median"] for k in steps[0]
+                                  if k not in ("seconds", "worker_generate")},
+                # of the generate phase, the time inside the worker's engine.generate (the
+                # rest: weight load, request transfer, results back)
+                "worker_generate_median": spread([s["worker_generate"] for s in steps])["median"],
             }
             facts = {"driver": process_facts()}
             worker, learners = run.handles.rollout[0], run.handles.learners
@@ -112,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             def actor_generate(i: int) -> None:
                 ray.get(worker.generate.remote(batches[i], cfg.sampling, run.weights))
 
-            # Caches reset outside the clock: run reset, then time.
+            # The last step's weights loaded first (timed below as the weight sync), caches
+            # reset outside the clock: run reset, then time.
+            ray.get(worker.sync.remote(run.weights))
             actor_times = []
             for i in range(args.repeats):
                 reset_worker()
                 with Stopwatch() as sw:
                     actor_generate(i)
                 actor_times.append(sw.seconds)
-            results["generate_via_actor_lora"] = {**spread(actor_times), "all": actor_times}
+            results["generate_via_actor"] = {**spread(actor_times), "all": actor_times}
 
             # The same batches through the learner: update via the group, and its log-prob pass.
             rollouts = [ray.get(worker.generate.remote(b, cfg.sampling, run.weights)) for b in batches]
@@ -134,14 +146,28 @@ def main(argv: list[str] | None = None) -> int:
                 lambda i: learners.compute_logprobs(train_batches[i]), args.repeats)
             results["learner_train_via_group"] = timed(
                 lambda i: learners.train_step(train_batches[i]), args.repeats)
-            results["learner_export_lora"] = timed(
-                lambda i: ray.get(learners.export("lora", run.version + 1 + i).ref), args.repeats)
-            payload = ray.get(run.weights.ref)
+            # Weight sync: the learner publishes a new version, the worker loads it.
+            kind = cfg.cluster.weight_sync
+            export_times, load_times = [], []
+            for i in range(args.repeats):
+                with Stopwatch() as sw:
+                    weights = learners.export(kind, run.version + 1 + i)
+                    ray.wait([weights.ref])
+                export_times.append(sw.seconds)
+                with Stopwatch() as sw:
+                    ray.get(worker.sync.remote(weights))
+                load_times.append(sw.seconds)
+            results["learner_export"] = {**spread(export_times), "all": export_times}
+            results["worker_load_weights"] = {**spread(load_times), "all": load_times}
+            lora_payload = ray.get(learners.export("lora", 0).ref) if cfg.learner.lora.enabled else None
+            full_payload = ray.get(learners.export("full", 0).ref)
         finally:
             driver.shutdown(run)
 
-    # Standalone engine in this process (the actors are gone): adapter vs base weights.
-    engine = VLLMRolloutEngine(cfg.rollout)
+    # Standalone engine in this process (the actors are gone): base weights, the adapter,
+    # the adapter merged into full weights. LoRA enabled, so one engine serves all three.
+    rollout_cfg = dataclasses.replace(cfg.rollout, enable_lora=True)
+    engine = VLLMRolloutEngine(rollout_cfg)
     try:
         def direct(i: int) -> None:
             engine.generate(batches[i], cfg.sampling)
@@ -150,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             engine.llm.reset_prefix_cache()
             engine.llm.llm_engine.reset_encoder_cache()
 
-        for name, load in (("generate_direct_base", None), ("generate_direct_lora", payload)):
+        variants = [("generate_direct_base", None)]
+        if lora_payload is not None:
+            variants.append(("generate_direct_lora", lambda: engine.update_lora(*lora_payload, version=1)))
+        variants.append(("generate_direct_merged", lambda: engine.update_full(full_payload, version=2)))
+        for name, load in variants:
             if load is not None:
-                engine.update_lora(load[0], load[1], version=1)
+                load()
             engine.generate(batches[0][:1], cfg.sampling)  # warm-up
             times = []
             for i in range(args.repeats):
@@ -169,17 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     phases = results["pipeline_step"]["phases_median"]
     rows = [["pipeline step (whole)", results["pipeline_step"]["step_seconds"]["median"], ""]]
     rows += [[f"  phase {k}", v, ""] for k, v in phases.items()]
-    for key, label in (("generate_via_actor_lora", "generate, rollout actor, adapter"),
-                       ("generate_direct_lora", "generate, engine in-process, adapter"),
+    rows.append(["    of generate: the worker's engine.generate",
+                 results["pipeline_step"]["worker_generate_median"], ""])
+    for key, label in (("generate_via_actor", f"generate, rollout actor ({cfg.cluster.weight_sync} sync)"),
                        ("generate_direct_base", "generate, engine in-process, base weights"),
+                       ("generate_direct_lora", "generate, engine in-process, adapter"),
+                       ("generate_direct_merged", "generate, engine in-process, merged weights"),
                        ("learner_logprobs_via_group", "learner log-prob pass, via group"),
                        ("learner_train_via_group", "learner update, via group"),
-                       ("learner_export_lora", "learner LoRA export")):
+                       ("learner_export", "learner export + publish"),
+                       ("worker_load_weights", "rollout worker loads the new version")):
+        if key not in results:
+            continue
         r = results[key]
         rows.append([label, r["median"], f"{r['min']:.2f}-{r['max']:.2f}"])
     table = markdown_table(["part", "median s", "min-max s"], rows)
     setup = {"model": cfg.rollout.model, "prompts": P, "group": G, "max_tokens": args.max_tokens,
-             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats}
+             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+             "weight_sync": cfg.cluster.weight_sync, "rollout_enable_lora": cfg.rollout.enable_lora,
+             "mode": cfg.algo.mode}
     finish({"setup": setup, **results}, table, args.out)
     return 0
 

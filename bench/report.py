@@ -76,9 +76,21 @@ def render_serving(r: dict) -> str:
 def render_profile(r: dict) -> str:
     rows = [["pipeline step", _spread(r["pipeline_step"]["step_seconds"])]]
     rows += [[f"  its phase `{k}`", f"{v:.3g}"] for k, v in r["pipeline_step"]["phases_median"].items()]
-    for key in ("generate_via_actor_lora", "generate_direct_lora", "generate_direct_base",
-                "learner_logprobs_via_group", "learner_train_via_group", "learner_export_lora"):
-        rows.append([key.replace("_", " "), _spread(r[key])])
+    if "worker_generate_median" in r["pipeline_step"]:
+        inside = r["pipeline_step"]["worker_generate_median"]
+        rows.append(["    of `generate`: the worker's engine.generate", f"{inside:.3g}"])
+    sync = r.get("setup", {}).get("weight_sync", "lora")
+    labels = {"generate_via_actor": f"generate via rollout actor ({sync} sync)",
+              "generate_via_actor_lora": "generate via rollout actor (lora sync)",
+              "generate_direct_base": "generate in-process, base weights",
+              "generate_direct_lora": "generate in-process, LoRA adapter",
+              "generate_direct_merged": "generate in-process, merged weights",
+              "learner_logprobs_via_group": "learner log-prob pass via group",
+              "learner_train_via_group": "learner update via group",
+              "learner_export": f"learner export + publish ({sync})",
+              "learner_export_lora": "learner export lora",
+              "worker_load_weights": f"rollout worker loads the new version ({sync})"}
+    rows += [[label, _spread(r[key])] for key, label in labels.items() if key in r]
     return markdown_table(["part", "seconds median (min-max)"], rows)
 
 

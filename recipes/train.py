@@ -9,8 +9,9 @@ What runs, per step (`training_step`, top to bottom):
   4. advantages on the driver (GRPO by default: (r - group mean) / (group std + 1e-4));
   5. K DeepSpeed learner ranks take one PPO-clip step with the k3 KL to the reference
      (LoRA adapter disabled) inside the loss, loss averaged per sequence then over the
-     batch (RePIC); old log-probs are recomputed by the learner (sync) or taken from the
-     rollout (async: one-step off-policy);
+     batch (RePIC); old log-probs are the learner's own on the current weights (sync: taken
+     from the training forward when the batch gets one update, else a separate pass) or the
+     rollout's (async: one-step off-policy);
   6. the new LoRA tensors (or merged full weights) are published through the object
      store; each worker loads them on its next call (a restarted worker heals itself);
   7. metrics: every reward component, KL, clip fraction, entropy, lengths, the
@@ -181,6 +182,14 @@ def sample_rollouts(run: Run) -> PendingRollout:
     return PendingRollout(items, requests, refs, run.version)
 
 
+def needs_logprob_pass(cfg: ExperimentConfig) -> bool:
+    """Whether the experience phase runs a learner log-prob pass before the update: in sync
+    mode with several updates per batch (PPO epochs) or the KL folded into the reward, which
+    need the old log-probs before the first update. Otherwise the learner takes them from
+    its training forward (sync) or the rollout's are the old ones (async)."""
+    return cfg.algo.mode == "sync" and (cfg.algo.updates_per_batch > 1 or cfg.algo.kl_in_reward)
+
+
 def training_step(run: Run) -> dict[str, float]:
     """One RL step; returns its metrics."""
     cfg, timer = run.cfg, PhaseTimer()
@@ -210,10 +219,15 @@ def training_step(run: Run) -> dict[str, float]:
     with timer("experience"):
         batch = rollout_batch(completions)
         mask_BT = batch.mask_BT
-        learner_lp_BT = run.handles.learners.compute_logprobs(batch)
-        mismatch = float(((learner_lp_BT - batch.old_logprobs_BT).abs() * mask_BT).sum() / mask_BT.sum())
-        if cfg.algo.mode == "sync":
+        mismatch = None
+        if needs_logprob_pass(cfg):
+            learner_lp_BT = run.handles.learners.compute_logprobs(batch)
+            mismatch = float(((learner_lp_BT - batch.old_logprobs_BT).abs() * mask_BT).sum() / mask_BT.sum())
             batch.old_logprobs_BT = learner_lp_BT  # exact ratio 1 at the first update
+        else:
+            # sync with one update: old log-probs from the training forward (the learner
+            # reports the mismatch); async: the rollout's, as one-step off-policy needs
+            batch.on_policy = cfg.algo.mode == "sync"
         values_BT = run.handles.learners.compute_values(batch) if cfg.algo.estimator == "gae" else None
         kl_BT = None
         if cfg.algo.kl_in_reward:
@@ -229,8 +243,10 @@ def training_step(run: Run) -> dict[str, float]:
 
     # 5. learner update(s)
     with timer("train"):
-        for _ in range(cfg.algo.updates_per_batch):
+        for update in range(cfg.algo.updates_per_batch):
             stats = run.handles.learners.train_step(batch)
+            if mismatch is None and update == 0:
+                mismatch = stats.logprob_mismatch
 
     # 6. publish the new weights
     with timer("sync"):

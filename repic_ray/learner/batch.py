@@ -76,6 +76,11 @@ class TrainBatch:
     """Value targets (PPO with a critic)."""
     values_BT: torch.Tensor | None = None
     """Value predictions at rollout time (PPO value clipping)."""
+    on_policy: bool = False
+    """The rollouts were sampled from the weights the learner holds now, and this batch
+    gets one optimizer step: the old log-probs are then the training forward's own
+    (detached; ratio exactly 1), so no separate log-prob pass is needed, and
+    `old_logprobs_BT` (the rollout's) serves only the learner-vs-rollout mismatch."""
 
     def __post_init__(self) -> None:
         B = len(self.prompt_texts)
@@ -194,3 +199,7 @@ class TrainStats:
     """Critic loss (PPO with a value head), else 0."""
     policy_version: int = 0
     """Number of optimizer steps taken after this one."""
+    logprob_mismatch: float = float("nan")
+    """Token mean of |learner log-prob - `old_logprobs_BT` as sent| before the update, on
+    the training forward (an eval forward for an on-policy batch when the policy has
+    dropout); for rollout log-probs, the learner-vs-rollout mismatch. NaN for SFT."""

@@ -21,6 +21,7 @@ name tokens).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 from collections import OrderedDict
@@ -357,6 +358,14 @@ class LearnerEngine:
     def lora_enabled(self) -> bool:
         return self.cfg.lora.enabled
 
+    @functools.cached_property
+    def dropout_active(self) -> bool:
+        """Whether a training-mode forward is random (LoRA or attention dropout > 0)."""
+        text = self.hf_model.config.text_config
+        return getattr(text, "attention_dropout", 0.0) > 0 or any(
+            isinstance(m, nn.Dropout) and m.p > 0 for m in self.module.modules()
+        )
+
     def close(self) -> None:
         """Release the DeepSpeed engine. Under ZeRO-3 this also switches transformers'
         process-wide ZeRO-3 mode off again, so later `from_pretrained` calls in this
@@ -564,18 +573,33 @@ class LearnerEngine:
         if lc.kl_beta > 0 and batch.ref_logprobs_BT is None:
             batch = dataclasses.replace(batch, ref_logprobs_BT=self.compute_ref_logprobs(batch))
         normalizer = self._normalizer(batch, lc.loss_agg)
+        # Old log-probs of an on-policy batch are the training forward's own, detached (the
+        # ratio is exactly 1 and its gradient that of log p), as a separate pass on the same
+        # weights would give. A forward with dropout is not the policy's distribution: then an
+        # eval pass gives them, and the mismatch. (Off-policy batches keep the old log-probs
+        # sent; their mismatch is measured on the training forward, dropout included.)
+        sent_BT = batch.old_logprobs_BT
+        eval_lp_BT = self.compute_logprobs(batch) if batch.on_policy and self.dropout_active else None
+        forward_is_old = batch.on_policy and eval_lp_BT is None
+        if eval_lp_BT is not None:
+            batch = dataclasses.replace(batch, old_logprobs_BT=eval_lp_BT)
 
         settings = LossSettings(clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
                                 kl_beta=lc.kl_beta, kl_estimator=lc.kl_estimator,
                                 entropy_coef=lc.entropy_coef, agg=lc.loss_agg, max_len=lc.max_len)
         self.engine.train()
-        sums = dict.fromkeys(("loss", "pg", "vf", "kl", "clip", "ent", "tok"), 0.0)
+        sums = dict.fromkeys(("loss", "pg", "vf", "kl", "clip", "ent", "tok", "mm"), 0.0)
+        if eval_lp_BT is not None:
+            sums["mm"] = float(((eval_lp_BT - sent_BT).abs() * batch.mask_BT).sum())
         for idx in _chunks(len(batch), cfg.micro_batch_size):
             mb = batch.select(idx)
             mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids, idx[0])
             logits_BTV, values_BT = self.engine(mi.inputs, mi.positions_BT, with_values=critic)
             logits_BTV = logits_BTV / lc.temperature
             logp_BT = token_logprobs(logits_BTV, mi.targets_BT, mi.mask_BT)
+            if eval_lp_BT is None:
+                sent_mb_BT = sent_BT[idx, : logp_BT.shape[1]].to(self.device)
+                sums["mm"] += float(((logp_BT.detach() - sent_mb_BT).abs() * mi.mask_BT).sum())
             if lc.entropy_coef != 0.0:
                 entropy_BT = entropy_from_logits(logits_BTV)
             else:
@@ -583,7 +607,7 @@ class LearnerEngine:
                     entropy_BT = entropy_from_logits(logits_BTV.detach())
             loss, st = policy_loss(
                 logp_BT,
-                mb.old_logprobs_BT.to(self.device),
+                logp_BT.detach() if forward_is_old else mb.old_logprobs_BT.to(self.device),
                 mb.advantages_BT.to(self.device),
                 mi.mask_BT,
                 settings,
@@ -668,6 +692,7 @@ class LearnerEngine:
             tokens=int(total["tok"]),
             value_loss=total["vf"] / k,
             policy_version=self.policy_version,
+            logprob_mismatch=total["mm"] / tok if "mm" in total else float("nan"),
         )
 
     # ---------------------------------------------------------------- weights out

@@ -12,8 +12,8 @@ def test_profile_step_times_the_step_and_its_parts(run_bench, positive):
                     "--max-tokens", "8", "--steps", "1", "--warmup", "1", "--repeats", "2")
     positive(out["pipeline_step"]["step_seconds"], "median")
     positive(out["pipeline_step"]["phases_median"], "generate", "train")
-    for part in ("generate_via_actor_lora", "generate_direct_lora", "generate_direct_base",
-                 "learner_logprobs_via_group", "learner_train_via_group", "learner_export_lora"):
+    for part in ("generate_via_actor", "generate_direct_base", "generate_direct_lora", "generate_direct_merged",
+                 "learner_logprobs_via_group", "learner_train_via_group", "learner_export", "worker_load_weights"):
         positive(out[part], "min", "median", "max")
         assert len(out[part]["all"]) == 2
     # Every process's threads are recorded; Ray gives a 1-CPU actor one torch thread.

@@ -42,6 +42,9 @@ def tiny_cfg(tmp_path, **over) -> ExperimentConfig:
         "--data.eval_ks", "[1, 3]",
         "--data.eval_max_per_k", "2",
         "--cluster.num_rollout_workers", "2",
+        # the LoRA path (the recipe syncs merged weights; the last test switches to them)
+        "--cluster.weight_sync", "lora",
+        "--rollout.enable_lora", "true",
     ]
     for key, value in over.items():
         args += [f"--{key}", str(value)]

@@ -183,6 +183,63 @@ def test_micro_batching_and_checkpoint_resume(learner, images, tmp_path):
         torch.testing.assert_close(lora_b[name], lora_a[name], msg=name)
 
 
+def test_on_policy_step_equals_a_separate_logprob_pass(learner, images, tmp_path):
+    # One update on rollouts of the current weights: old log-probs from the training
+    # forward (detached) must give the update a separate no-grad pass gives (ratio 1 in
+    # both: same loss, clip fraction 0, same gradient and weights), and the mismatch
+    # against the log-probs sent must be measured on that forward.
+    _step_away_from_init(learner, images, steps=1)
+    learner.save_checkpoint(tmp_path)
+    rollout_BT = learner.compute_logprobs(train_batch(learner.processor, images, [1.0, -1.0, 0.5, -0.5]))
+    noisy_BT = rollout_BT + 0.01 * train_batch(learner.processor, images, [0.0] * 4).mask_BT
+
+    sep = train_batch(learner.processor, images, [1.0, -1.0, 0.5, -0.5], old_logprobs_BT=rollout_BT.clone())
+    a = learner.train_step(sep)
+    lora_a = _lora_params(learner)
+    learner.load_checkpoint(tmp_path)
+    on = train_batch(learner.processor, images, [1.0, -1.0, 0.5, -0.5], old_logprobs_BT=noisy_BT)
+    on.on_policy = True
+    b = learner.train_step(on)
+    lora_b = _lora_params(learner)
+    for field in ("loss", "policy_loss", "kl", "clip_frac", "entropy", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(getattr(b, field)), torch.tensor(getattr(a, field)), msg=field)
+    assert b.clip_frac == 0.0
+    for name in lora_a:
+        torch.testing.assert_close(lora_b[name], lora_a[name], msg=name)
+    # |forward - sent| = 0.01 on every completion token (the sent ones were shifted by 0.01)
+    torch.testing.assert_close(torch.tensor(b.logprob_mismatch), torch.tensor(0.01), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(a.logprob_mismatch), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_on_policy_step_with_dropout_takes_old_logprobs_from_an_eval_pass(images, tmp_path):
+    # With LoRA dropout the training forward is not the policy's distribution: an
+    # on-policy batch then gets its old log-probs from one eval pass inside train_step,
+    # exactly what the driver's separate pass gave (same update, dropout masks included).
+    from repic_ray.learner import LoraConfig
+
+    eng = LearnerEngine(tiny_config(lora=LoraConfig(r=8, alpha=16.0, dropout=0.2)), master_port=free_port())
+    try:
+        assert eng.dropout_active
+        _step_away_from_init(eng, images, steps=1)
+        eng.save_checkpoint(tmp_path)
+        adv = [1.0, -1.0, 0.5, -0.5]
+        sep = train_batch(eng.processor, images, adv)
+        sep.old_logprobs_BT = eng.compute_logprobs(sep)
+        a = eng.train_step(sep)
+        lora_a = _lora_params(eng)
+        eng.load_checkpoint(tmp_path)
+        on = train_batch(eng.processor, images, adv, old_logprobs_BT=sep.old_logprobs_BT - 0.01)
+        on.on_policy = True
+        b = eng.train_step(on)
+        for field in ("loss", "policy_loss", "kl", "clip_frac", "grad_norm"):
+            torch.testing.assert_close(torch.tensor(getattr(b, field)), torch.tensor(getattr(a, field)), msg=field)
+        for name, value in _lora_params(eng).items():
+            torch.testing.assert_close(value, lora_a[name], msg=name)
+        torch.testing.assert_close(torch.tensor(b.logprob_mismatch), torch.tensor(0.01), atol=1e-5, rtol=0)
+    finally:
+        eng.close()
+
+
 def test_export_lora_round_trips_into_peft(learner, images, tmp_path):
     from peft import PeftModel
     from safetensors.torch import save_file

@@ -50,9 +50,12 @@ def test_rollout_serves_the_learners_model():
 
 
 def test_lora_rank_must_fit_the_rollout_engine():
+    lora_sync = ("--cluster.weight_sync", "lora", "--rollout.enable_lora", "true")
     with pytest.raises(ConfigError, match=r"learner\.lora\.r \(32\).*rollout\.max_lora_rank \(16\)"):
-        load("--learner.lora.r", "32")
-    assert load("--learner.lora.r", "32", "--rollout.max_lora_rank", "32").learner.lora.r == 32
+        load("--learner.lora.r", "32", *lora_sync)
+    assert load("--learner.lora.r", "32", "--rollout.max_lora_rank", "32", *lora_sync).learner.lora.r == 32
+    # merged-weight sync to an engine without LoRA: the engine's rank does not matter
+    assert load("--learner.lora.r", "32").learner.lora.r == 32
 
 
 def test_engine_must_take_the_worlds_largest_prompt():
@@ -85,7 +88,9 @@ def test_kl_in_reward_is_rejected_where_it_would_be_ignored():
 
 def test_lora_weight_sync_needs_lora_on_both_sides():
     with pytest.raises(ConfigError, match=r"cluster\.weight_sync=lora.*learner\.lora\.enabled.*rollout\.enable_lora"):
-        load("--learner.lora.enabled", "false")
+        load("--learner.lora.enabled", "false", "--cluster.weight_sync", "lora", "--rollout.enable_lora", "true")
+    with pytest.raises(ConfigError, match=r"cluster\.weight_sync=lora.*learner\.lora\.enabled.*rollout\.enable_lora"):
+        load("--cluster.weight_sync", "lora")  # the tiny recipe's engine has no LoRA
     assert load("--learner.lora.enabled", "false", "--cluster.weight_sync", "full").cluster.weight_sync == "full"
 
 

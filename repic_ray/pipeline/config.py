@@ -231,8 +231,17 @@ class VisionPretrainConfig:
     """Episodes of the G1 gate measurement."""
     num_threads: int = 0
     """Torch intra-op threads (0 = torch's default)."""
+    language_init: str = "keep"
+    """The language model written with the tower: `keep` (as loaded) or `torch` (every
+    linear layer of the language model and the output layer re-initialised with
+    PyTorch's default, Kaiming-uniform, seeded by `trainer.seed`). Measured: a 4-layer
+    hidden-128 language model at the Hugging Face init (normal, std 0.02) stays at chance
+    on in-context binding (which reference's name goes with the query object), while
+    the same model at PyTorch's default init learns it in ~500-2,000 steps (DESIGN.md)."""
 
     def __post_init__(self) -> None:
+        if self.language_init not in ("keep", "torch"):
+            raise ValueError(f"pretrain_vision.language_init: expected keep or torch, got {self.language_init!r}")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.eval_episodes < 1:
             raise ValueError(
                 "pretrain_vision: steps >= 0, batch_size >= 1, lr > 0, eval_episodes >= 1 required")

@@ -191,6 +191,23 @@ def pretrain_step(model: Any, heads: AttributeHeads, processor: Any, opt: torch.
     return {"loss": loss.item(), "token_accuracy": hits.all(-1).float().mean().item()}
 
 
+@torch.no_grad()
+def reinit_language_model(model: Any, seed: int) -> int:
+    """Re-initialise every linear layer of `model`'s language model and its output layer
+    with PyTorch's default init (Kaiming-uniform weights, uniform biases), seeded; token
+    embeddings and norms are kept. Returns the number of layers re-initialised."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    n = 0
+    for module in (model.model.language_model, model.lm_head):
+        for sub in module.modules():
+            if isinstance(sub, nn.Linear):
+                sub.reset_parameters()
+                n += 1
+    torch.random.set_rng_state(gen_state)
+    return n
+
+
 def run_pretrain_vision(cfg: Any) -> Path:
     """Train `cfg.pretrain_vision.steps` steps from `cfg.learner.model`; returns the
     written checkpoint directory (log next to it as `<name>_log.jsonl`)."""
@@ -234,6 +251,9 @@ def run_pretrain_vision(cfg: Any) -> Path:
             if step % pv.log_every == 0 or "gate_g1" in rec:
                 record(rec)
     model.eval()
+    if pv.language_init == "torch":
+        n = reinit_language_model(model, cfg.trainer.seed)
+        log.info("pretrain-vision: %d language-model linear layers re-initialised (PyTorch default init)", n)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)

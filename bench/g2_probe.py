@@ -88,18 +88,43 @@ def episodes(rng, triples, names, refs, queries, tok, n):
     return out
 
 
+TEMPLATE: dict[str, list[int]] | None = None
+TEMPLATE_SIDES = ("refs", "query")
+
+
+def set_template(tok) -> None:
+    """Token ids of the chat-template text around images and names (as `repic_ray.prompts`)."""
+    global TEMPLATE
+
+    def enc(text):
+        return tok.encode(text, add_special_tokens=False)
+    TEMPLATE = {
+        "head": enc("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"),
+        "vs": enc("<|vision_start|>"), "ve": enc("<|vision_end|>"),
+        "pre_name": enc("This is <"), "post_name": enc(">.\n"),
+        "tail": enc("Who is in the image?<|im_end|>\n<|im_start|>assistant\n"),
+    }
+
+
 def embed(model, eps, answers: bool, swap: bool = False):
     emb = model.model.language_model.embed_tokens
     seqs, targets = [], []
+
+    def t(key):
+        return emb(torch.tensor(TEMPLATE[key]))
     for r, ids, q, present in eps:
         order = list(range(len(r)))[::-1] if swap else list(range(len(r)))
         parts = []
+        if TEMPLATE:
+            parts.append(t("head"))
         for i in order:
-            if NAME_FIRST:
+            if TEMPLATE and "refs" in TEMPLATE_SIDES:
+                parts += [t("vs"), r[i][None], t("ve"), t("pre_name"), emb(torch.tensor(ids[i])), t("post_name")]
+            elif NAME_FIRST:
                 parts += [emb(torch.tensor(ids[i])), r[i][None]]
             else:
                 parts += [r[i][None], emb(torch.tensor(ids[i]))]
-        parts.append(q)
+        parts += [t("vs"), q, t("ve"), t("tail")] if TEMPLATE and "query" in TEMPLATE_SIDES else [q]
         ans = ids[present]
         if answers:
             parts.append(emb(torch.tensor(ans[:-1], dtype=torch.long)))
@@ -146,12 +171,15 @@ def main() -> None:
     ap.add_argument("--single-names", action="store_true", help="names are one syllable token")
     ap.add_argument("--refs", type=int, default=2)
     ap.add_argument("--name-first", action="store_true")
+    ap.add_argument("--template", nargs="?", const="both", choices=["both", "refs", "query"],
+                    help="the chat template's text around images and names (both, or one side only)")
+    ap.add_argument("--seed", type=int, default=0, help="init and training-episode seed (evaluation episodes fixed)")
     ap.add_argument("--reinit", nargs="?", const="all", default=None,
                     help="re-initialise the language model: all (torch defaults), linear, embedding, std=X")
     ap.add_argument("--vision-norm", type=float, default=0.0, help="rescale each vision token to this norm")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model, processor = load_policy(args.checkpoint), load_processor(args.checkpoint)
     tok = processor.tokenizer
     model.model.visual.requires_grad_(False)
@@ -173,6 +201,10 @@ def main() -> None:
         train_n = eval_n = [f"#{tok.convert_tokens_to_ids(s)}" for s in NAME_VOWEL_SYLLABLES]
     global N_REFS, NAME_FIRST
     N_REFS, NAME_FIRST = args.refs, args.name_first
+    if args.template:
+        set_template(tok)
+        global TEMPLATE_SIDES
+        TEMPLATE_SIDES = ("refs", "query") if args.template == "both" else (args.template,)
     t0 = time.time()
     bank = cell_bank if args.query == "cell" else feature_bank
     refs, queries = bank(model, processor, train_t + held_t, args.renders, seed=1)
@@ -183,7 +215,7 @@ def main() -> None:
         refs, queries = rescale(refs), rescale(queries)
     params = [p for n, p in model.named_parameters() if not n.startswith("model.visual")]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    rng = random.Random(0)
+    rng = random.Random(args.seed)
     ev = episodes(random.Random(99), held_t, eval_n, refs, queries, tok, 400)
     log = []
     t0 = time.time()

@@ -232,12 +232,13 @@ class VisionPretrainConfig:
     num_threads: int = 0
     """Torch intra-op threads (0 = torch's default)."""
     language_init: str = "keep"
-    """The language model written with the tower: `keep` (as loaded) or `torch` (every
-    linear layer of the language model and the output layer re-initialised with
-    PyTorch's default, Kaiming-uniform, seeded by `trainer.seed`). Measured: a 4-layer
-    hidden-128 language model at the Hugging Face init (normal, std 0.02) stays at chance
-    on in-context binding (which reference's name goes with the query object), while
-    the same model at PyTorch's default init learns it in ~500-2,000 steps (DESIGN.md)."""
+    """The language model written with the tower: `keep` (as loaded) or `torch` (its
+    linear layers, token embeddings and output layer re-initialised at PyTorch's
+    defaults: Kaiming-uniform, normal(0, 1) embeddings; seeded by `trainer.seed`).
+    Measured (`bench/g2_probe.py`): a 4-layer hidden-128 language model at the Hugging
+    Face init (normal, std 0.02) stays at chance on in-context binding (which
+    reference's name goes with the query object); at PyTorch's defaults it learns it
+    (DESIGN.md, BENCHMARKS.md "Gates")."""
 
     def __post_init__(self) -> None:
         if self.language_init not in ("keep", "torch"):

@@ -193,15 +193,16 @@ def pretrain_step(model: Any, heads: AttributeHeads, processor: Any, opt: torch.
 
 @torch.no_grad()
 def reinit_language_model(model: Any, seed: int) -> int:
-    """Re-initialise every linear layer of `model`'s language model and its output layer
-    with PyTorch's default init (Kaiming-uniform weights, uniform biases), seeded; token
-    embeddings and norms are kept. Returns the number of layers re-initialised."""
+    """Re-initialise every linear layer and the token embeddings of `model`'s language
+    model, and its output layer, with PyTorch's default init (Kaiming-uniform linear
+    weights and uniform biases, normal(0, 1) embeddings), seeded; norms and the vision
+    tower are kept. Returns the number of modules re-initialised."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     n = 0
     for module in (model.model.language_model, model.lm_head):
         for sub in module.modules():
-            if isinstance(sub, nn.Linear):
+            if isinstance(sub, (nn.Linear, nn.Embedding)):
                 sub.reset_parameters()
                 n += 1
     torch.random.set_rng_state(gen_state)
@@ -253,7 +254,7 @@ def run_pretrain_vision(cfg: Any) -> Path:
     model.eval()
     if pv.language_init == "torch":
         n = reinit_language_model(model, cfg.trainer.seed)
-        log.info("pretrain-vision: %d language-model linear layers re-initialised (PyTorch default init)", n)
+        log.info("pretrain-vision: %d language-model modules re-initialised (PyTorch default init)", n)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)

@@ -238,8 +238,18 @@ class VisionPretrainConfig:
     """Episodes of the G1 gate measurement."""
     num_threads: int = 0
     """Torch intra-op threads (0 = torch's default)."""
+    language_init: str = "keep"
+    """The language model written with the tower: `keep` (as loaded) or `torch` (its
+    linear layers, token embeddings and output layer re-initialised at PyTorch's
+    defaults: Kaiming-uniform, normal(0, 1) embeddings; seeded by `trainer.seed`).
+    Measured (`bench/g2_probe.py`): a 4-layer hidden-128 language model at the Hugging
+    Face init (normal, std 0.02) stays at chance on in-context binding (which
+    reference's name goes with the query object); at PyTorch's defaults it learns it
+    (DESIGN.md, BENCHMARKS.md "Gates")."""
 
     def __post_init__(self) -> None:
+        if self.language_init not in ("keep", "torch"):
+            raise ValueError(f"pretrain_vision.language_init: expected keep or torch, got {self.language_init!r}")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.eval_episodes < 1:
             raise ValueError(
                 "pretrain_vision: steps >= 0, batch_size >= 1, lr > 0, eval_episodes >= 1 required")

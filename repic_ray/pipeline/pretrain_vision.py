@@ -191,6 +191,24 @@ def pretrain_step(model: Any, heads: AttributeHeads, processor: Any, opt: torch.
     return {"loss": loss.item(), "token_accuracy": hits.all(-1).float().mean().item()}
 
 
+@torch.no_grad()
+def reinit_language_model(model: Any, seed: int) -> int:
+    """Re-initialise every linear layer and the token embeddings of `model`'s language
+    model, and its output layer, with PyTorch's default init (Kaiming-uniform linear
+    weights and uniform biases, normal(0, 1) embeddings), seeded; norms and the vision
+    tower are kept. Returns the number of modules re-initialised."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    n = 0
+    for module in (model.model.language_model, model.lm_head):
+        for sub in module.modules():
+            if isinstance(sub, (nn.Linear, nn.Embedding)):
+                sub.reset_parameters()
+                n += 1
+    torch.random.set_rng_state(gen_state)
+    return n
+
+
 def run_pretrain_vision(cfg: Any) -> Path:
     """Train `cfg.pretrain_vision.steps` steps from `cfg.learner.model`; returns the
     written checkpoint directory (log next to it as `<name>_log.jsonl`)."""
@@ -234,6 +252,9 @@ def run_pretrain_vision(cfg: Any) -> Path:
             if step % pv.log_every == 0 or "gate_g1" in rec:
                 record(rec)
     model.eval()
+    if pv.language_init == "torch":
+        n = reinit_language_model(model, cfg.trainer.seed)
+        log.info("pretrain-vision: %d language-model modules re-initialised (PyTorch default init)", n)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)

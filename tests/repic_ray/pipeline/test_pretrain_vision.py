@@ -16,6 +16,7 @@ from repic_ray.pipeline.pretrain_vision import (
     nearest_reference_accuracy,
     nearest_reference_correct,
     pretrain_step,
+    reinit_language_model,
     training_batch,
 )
 
@@ -127,5 +128,40 @@ def test_shipped_recipe_runs_briefly_and_writes_a_loadable_checkpoint(tmp_path):
     assert [r["step"] for r in log] == [0, 1, 2, 3] and "gate_g1" in log[0] and "gate_g1" in log[-1]
     model = load_policy(str(out))
     base = load_policy(resolve_checkpoint(cfg.learner.model))
-    assert torch.equal(model.lm_head.weight, base.lm_head.weight)
+    # the recipe re-initialises the language model (language_init: torch)
+    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
+    assert not torch.equal(model.model.language_model.embed_tokens.weight,
+                           base.model.language_model.embed_tokens.weight)
     assert not torch.equal(model.model.visual.merger.mlp[0].weight, base.model.visual.merger.mlp[0].weight)
+
+
+def test_language_init_torch_gives_pytorch_default_scales_seeded_and_keeps_tower_and_norms(tiny_policy):
+    def fresh():
+        m = type(tiny_policy[0])(tiny_policy[0].config)
+        m.load_state_dict(tiny_policy[0].state_dict())
+        return m
+
+    a, b = fresh(), fresh()
+    q_before = a.model.language_model.layers[0].self_attn.q_proj.weight.std().item()
+    assert reinit_language_model(a, seed=3) == reinit_language_model(b, seed=3)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name  # same seed, same weights
+    q = a.model.language_model.layers[0].self_attn.q_proj.weight
+    # PyTorch's default Linear init: uniform(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in)
+    assert q.std().item() == pytest.approx((3 * q.shape[1]) ** -0.5, rel=0.1)
+    assert q.std().item() > 2 * q_before  # the Hugging Face init (std 0.02) is much smaller
+    emb = a.model.language_model.embed_tokens.weight
+    assert emb.std().item() == pytest.approx(1.0, rel=0.05)  # normal(0, 1); HF: std 0.02
+    ref = tiny_policy[0]
+    assert torch.equal(a.model.visual.merger.mlp[0].weight, ref.model.visual.merger.mlp[0].weight)
+    assert torch.equal(a.model.language_model.norm.weight, ref.model.language_model.norm.weight)
+    c = fresh()
+    reinit_language_model(c, seed=4)
+    assert not torch.equal(c.lm_head.weight, a.lm_head.weight)
+
+
+def test_language_init_rejects_unknown_values():
+    from repic_ray.pipeline.config import VisionPretrainConfig
+
+    with pytest.raises(ValueError, match="language_init"):
+        VisionPretrainConfig(language_init="xavier")

@@ -40,21 +40,9 @@ from repic_ray.pipeline.pretrain_vision import draw_scene, encode_images
 
 
 @torch.no_grad()
-def feature_bank(model, processor, triples, renders: int, seed: int, cell_px: int = 28):
-    rng = random.Random(seed)
-    refs, queries = {}, {}
-    for t in triples:
-        imgs = [draw_reference(np.random.default_rng(rng.getrandbits(63)), *t, cell_px) for _ in range(renders)]
-        imgs += [draw_scene(rng, [t], cell_px)[0] for _ in range(renders)]
-        feats = encode_images(model, processor, imgs)
-        refs[t] = torch.stack([f[0] for f in feats[:renders]])
-        queries[t] = torch.stack(feats[renders:])
-    return refs, queries
-
-
-@torch.no_grad()
-def cell_bank(model, processor, triples, renders: int, seed: int, cell_px: int = 28):
-    """Like `feature_bank`, but each query is the object's own cell token (1 token)."""
+def feature_bank(model, processor, triples, renders: int, seed: int, query: str = "scene", cell_px: int = 28):
+    """Per triple, `renders` reference tokens and `renders` one-object query scenes: all 9
+    cell tokens (`query="scene"`) or the object's own cell token (`query="cell"`)."""
     rng = random.Random(seed)
     refs, queries = {}, {}
     for t in triples:
@@ -62,7 +50,10 @@ def cell_bank(model, processor, triples, renders: int, seed: int, cell_px: int =
         scenes = [draw_scene(rng, [t], cell_px) for _ in range(renders)]
         feats = encode_images(model, processor, imgs + [s[0] for s in scenes])
         refs[t] = torch.stack([f[0] for f in feats[:renders]])
-        queries[t] = torch.stack([f[s[1].index(t)][None] for f, s in zip(feats[renders:], scenes)])
+        if query == "cell":
+            queries[t] = torch.stack([f[s[1].index(t)][None] for f, s in zip(feats[renders:], scenes)])
+        else:
+            queries[t] = torch.stack(feats[renders:])
     return refs, queries
 
 
@@ -206,8 +197,7 @@ def main() -> None:
         global TEMPLATE_SIDES
         TEMPLATE_SIDES = ("refs", "query") if args.template == "both" else (args.template,)
     t0 = time.time()
-    bank = cell_bank if args.query == "cell" else feature_bank
-    refs, queries = bank(model, processor, train_t + held_t, args.renders, seed=1)
+    refs, queries = feature_bank(model, processor, train_t + held_t, args.renders, seed=1, query=args.query)
     print(f"bank {time.time() - t0:.1f}s", flush=True)
     if args.vision_norm:
         def rescale(bank):

@@ -56,9 +56,12 @@ def process_facts() -> dict:
             "vllm_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")}
 
 
-def timed(fn, repeats: int) -> dict:
+def timed(fn, repeats: int, before=None) -> dict:
+    """`fn(i)` timed `repeats` times; `before()` (cache resets) runs before each, off the clock."""
     times = []
     for i in range(repeats):
+        if before is not None:
+            before()
         with Stopwatch() as sw:
             fn(i)
         times.append(sw.seconds)
@@ -125,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             # The last step's weights loaded first (timed below as the weight sync), caches
             # reset outside the clock: run reset, then time.
             ray.get(worker.sync.remote(run.weights))
-            actor_times = []
-            for i in range(args.repeats):
-                reset_worker()
-                with Stopwatch() as sw:
-                    actor_generate(i)
-                actor_times.append(sw.seconds)
-            results["generate_via_actor"] = {**spread(actor_times), "all": actor_times}
+            results["generate_via_actor"] = timed(actor_generate, args.repeats, before=reset_worker)
 
             # The same batches through the learner: update via the group, and its log-prob pass.
             rollouts = [ray.get(worker.generate.remote(b, cfg.sampling, run.weights)) for b in batches]
@@ -184,13 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             if load is not None:
                 load()
             engine.generate(batches[0][:1], cfg.sampling)  # warm-up
-            times = []
-            for i in range(args.repeats):
-                reset()
-                with Stopwatch() as sw:
-                    direct(i)
-                times.append(sw.seconds)
-            results[name] = {**spread(times), "all": times}
+            results[name] = timed(direct, args.repeats, before=reset)
         results["processes"]["direct_engine_driver"] = process_facts()
     finally:
         engine.close()

@@ -44,6 +44,12 @@ SETTINGS: dict[str, list[str]] = {
     # names + cider_weight * CIDEr-D - 1.0 * repeated-4-gram share - 1.0 * (words - 60) / 60
     "cider0.1-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1", *STRONG_PENALTIES],
     "cider0.03-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03", *STRONG_PENALTIES],
+    # the same at sampling temperature 0.6: rollouts closer to the greedy caption the
+    # evaluation (and the service) writes, so the repetition penalty sees its loops
+    "cider0.03-pen-t0.6": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
+                           *STRONG_PENALTIES, "--sampling.temperature", "0.6"],
+    "cider0.1-pen-t0.6": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1",
+                          *STRONG_PENALTIES, "--sampling.temperature", "0.6"],
     "cap0.3-kl0.05": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES,
                       "--learner.loss.kl_beta", "0.05"],
 }

@@ -147,6 +147,12 @@ class LearnerConfig:
     accumulated into ONE optimizer step."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (saves memory, costs ~30% time)."""
+    shared_prompt_forward: bool = True
+    """Run each distinct prompt (images included) once per micro-batch and the completions
+    of its group on its cached keys and values, instead of the whole prompt once per
+    sequence: the same log-probs and gradients (up to float rounding) with a GRPO group's
+    prompt computed once instead of G times. Not used while training with
+    `gradient_checkpointing` (Hugging Face drops the cache under checkpointing)."""
     seed: int = 0
     """Seed for LoRA/value-head initialization and dropout. Derived: in an experiment, from
     `trainer.seed`."""

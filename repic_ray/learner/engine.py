@@ -16,6 +16,10 @@ name tokens).
 - Log-probs come from the model's last hidden states at the completion positions
   only (the lm_head never sees the prompt), with Qwen2.5-VL's 3D M-RoPE positions
   built from `mm_token_type_ids`.
+- Shared prompts (`shared_prompt_forward`): the sequences of a GRPO group share their
+  prompt, so each distinct prompt of a micro-batch runs once (vision tower included)
+  and the completions run on its keys and values, gathered per row; gradients flow
+  through the gathered cache into the prompt's forward.
 """
 
 from __future__ import annotations
@@ -62,6 +66,21 @@ class ModelInputs:
     """Completion token ids, 0 on padding."""
     mask_BT: torch.Tensor
     """1.0 on completion tokens, 0.0 on padding."""
+    shared: SharedPrompts | None = None
+    """Set in shared-prompt mode: then `inputs` holds the distinct prompts only."""
+
+
+@dataclasses.dataclass
+class SharedPrompts:
+    """A micro-batch as distinct prompts plus completions: `prompt_of_B[b]` is the row of
+    `ModelInputs.inputs` (U distinct prompts, right-padded) that sequence b continues."""
+
+    prompt_of_B: torch.Tensor
+    """(B,) index of each sequence's prompt."""
+    prompt_len_U: torch.Tensor
+    """(U,) tokens of each prompt (without padding)."""
+    completion_ids_BT: torch.Tensor
+    """(B, T) completion tokens, right-padded with the pad id."""
 
 
 #: Logit bias of never-sampled tokens: vLLM's largest allowed bias, as the rollout uses.
@@ -98,9 +117,17 @@ class PolicyWithValue(nn.Module):
         return self.policy.get_base_model() if isinstance(self.policy, PeftModel) else self.policy
 
     def forward(
-        self, inputs: dict[str, torch.Tensor], positions_BT: torch.Tensor, with_values: bool = False
+        self,
+        inputs: dict[str, torch.Tensor],
+        positions_BT: torch.Tensor,
+        with_values: bool = False,
+        shared: SharedPrompts | None = None,
+        mask_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h_BTH = completion_hidden_states(self.hf_model, inputs, positions_BT)
+        if shared is None:
+            h_BTH = completion_hidden_states(self.hf_model, inputs, positions_BT)
+        else:
+            h_BTH = shared_prompt_hidden_states(self.hf_model, inputs, shared, mask_BT)
         logits_BTV = self.hf_model.lm_head(h_BTH).float() + self.logit_bias_V
         values_BT = None
         if with_values:
@@ -123,6 +150,51 @@ def completion_hidden_states(
     h_BLH = out.last_hidden_state
     idx = positions_BT[:, :, None].expand(-1, -1, h_BLH.shape[-1])
     return torch.gather(h_BLH, 1, idx)
+
+
+def shared_prompt_hidden_states(
+    hf_model: nn.Module, prompt_inputs: dict, shared: SharedPrompts, mask_BT: torch.Tensor
+) -> torch.Tensor:
+    """Last hidden states `[B, T, H]` predicting each completion token, with every
+    distinct prompt run once: the prompts' forward fills a key/value cache, which is
+    gathered per sequence, and the completions run on it. Position t's state is the
+    prompt's last one (t = 0) or completion token t - 1's."""
+    from transformers.cache_utils import DynamicCache
+
+    model = hf_model.model
+    model.rope_deltas = None
+    attn_UL = prompt_inputs["attention_mask"]
+    if "image_grid_thw" in prompt_inputs:
+        pos_3UL, _ = model.get_rope_index(
+            prompt_inputs["input_ids"],
+            mm_token_type_ids=prompt_inputs["mm_token_type_ids"],
+            image_grid_thw=prompt_inputs["image_grid_thw"],
+            attention_mask=attn_UL,
+        )
+    else:
+        pos_3UL = ((attn_UL.long().cumsum(-1) - 1).clamp(min=0))[None].expand(3, -1, -1)
+    out = model(**prompt_inputs, position_ids=pos_3UL, use_cache=True, return_dict=True)
+    U = attn_UL.shape[0]
+    last_UH = out.last_hidden_state[torch.arange(U, device=attn_UL.device), shared.prompt_len_U - 1]
+    idx_B = shared.prompt_of_B
+    cache = DynamicCache(
+        ddp_cache_data=[(layer.keys[idx_B], layer.values[idx_B]) for layer in out.past_key_values.layers],
+        config=model.language_model.config,
+    )
+    comp_BT = shared.completion_ids_BT
+    T = comp_BT.shape[1]
+    # Text after the prompt continues from its largest M-RoPE position (all three axes).
+    next_B = (pos_3UL.amax(dim=(0, 2)) + 1)[idx_B]
+    pos_BT = next_B[:, None] + torch.arange(T, device=comp_BT.device)[None]
+    attn_BL = torch.cat([attn_UL[idx_B], mask_BT.to(attn_UL.dtype)], dim=1)
+    h_BTH = model.language_model(
+        input_ids=comp_BT,
+        attention_mask=attn_BL,
+        position_ids=pos_BT[None].expand(3, -1, -1),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    return torch.cat([last_UH[idx_B][:, None], h_BTH[:, : T - 1]], dim=1)
 
 
 def token_logprobs(
@@ -406,9 +478,11 @@ class LearnerEngine:
         image_paths: list[list[str]],
         completion_ids: list[list[int]],
         first_row: int = 0,
+        shared: bool = False,
     ) -> ModelInputs:
         """Process prompts (text + images) and append completions, right-padded. Errors
-        name the row as `sequence <first_row + b>` (its index in the caller's batch)."""
+        name the row as `sequence <first_row + b>` (its index in the caller's batch).
+        `shared`: the distinct prompts only, plus the completions (`SharedPrompts`)."""
         prompts = [
             self._encode_prompt(t, p, f"sequence {first_row + b}")
             for b, (t, p) in enumerate(zip(prompt_texts, image_paths))
@@ -424,6 +498,8 @@ class LearnerEngine:
                     f"sequence {first_row + b}: completion holds token ids {bad} that are image/video "
                     f"placeholders or outside the vocabulary ({vocab})"
                 )
+        if shared:
+            return self._shared_inputs(prompt_texts, image_paths, prompts, completion_ids)
         B = len(prompts)
         lengths = [len(p["input_ids"]) + len(c) for p, c in zip(prompts, completion_ids)]
         L, T = max(lengths), max(len(c) for c in completion_ids)
@@ -466,6 +542,68 @@ class LearnerEngine:
             mask_BT.to(self.device),
         )
 
+    def _shared_inputs(
+        self,
+        prompt_texts: list[str],
+        image_paths: list[list[str]],
+        prompts: list[dict[str, torch.Tensor]],
+        completion_ids: list[list[int]],
+    ) -> ModelInputs:
+        """`build_inputs` in shared-prompt mode: U distinct prompts (right-padded) as the
+        model inputs, the completions and each sequence's prompt index beside them."""
+        index: dict[tuple, int] = {}
+        prompt_of_B, distinct = [], []
+        for t, paths, p in zip(prompt_texts, image_paths, prompts):
+            key = (t, tuple(paths))
+            if key not in index:
+                index[key] = len(distinct)
+                distinct.append(p)
+            prompt_of_B.append(index[key])
+        U, B = len(distinct), len(completion_ids)
+        Lp = max(len(p["input_ids"]) for p in distinct)
+        T = max(len(c) for c in completion_ids)
+        pad_id = self.processor.tokenizer.pad_token_id or 0
+        input_ids = torch.full((U, Lp), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((U, Lp), dtype=torch.long)
+        mm_types = torch.zeros((U, Lp), dtype=torch.long)
+        for u, p in enumerate(distinct):
+            n_p = len(p["input_ids"])
+            input_ids[u, :n_p] = p["input_ids"]
+            attention_mask[u, :n_p] = 1
+            mm_types[u, :n_p] = p["mm_token_type_ids"]
+        comp_BT = torch.full((B, T), pad_id, dtype=torch.long)
+        targets_BT = torch.zeros((B, T), dtype=torch.long)
+        mask_BT = torch.zeros((B, T), dtype=torch.float32)
+        for b, comp in enumerate(completion_ids):
+            comp_BT[b, : len(comp)] = torch.tensor(comp, dtype=torch.long)
+            targets_BT[b, : len(comp)] = comp_BT[b, : len(comp)]
+            mask_BT[b, : len(comp)] = 1.0
+        inputs: dict[str, torch.Tensor] = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_types,
+        }
+        with_images = [p for p in distinct if "pixel_values" in p]
+        if with_images:
+            inputs["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images]).to(self.dtype)
+            inputs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images])
+        dev = self.device
+        shared = SharedPrompts(
+            prompt_of_B=torch.tensor(prompt_of_B, dtype=torch.long, device=dev),
+            prompt_len_U=torch.tensor([len(p["input_ids"]) for p in distinct], dtype=torch.long, device=dev),
+            completion_ids_BT=comp_BT.to(dev),
+        )
+        return ModelInputs(
+            {k: v.to(dev) for k, v in inputs.items()},
+            torch.zeros((B, T), dtype=torch.long, device=dev),
+            targets_BT.to(dev),
+            mask_BT.to(dev),
+            shared=shared,
+        )
+
+    def _shared_prompts(self, training: bool) -> bool:
+        """Whether RL forwards share prompts: on unless disabled, or training under
+        gradient checkpointing (which runs without a key/value cache)."""
+        return self.cfg.shared_prompt_forward and not (training and self.cfg.gradient_checkpointing)
+
     # ---------------------------------------------------------------- distributed sums
     def _all_sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
@@ -498,14 +636,16 @@ class LearnerEngine:
                     [batch.image_paths[i] for i in idx],
                     [batch.completion_ids[i] for i in idx],
                     idx[0],
+                    shared=self._shared_prompts(training=False),
                 )
                 if values:
-                    _, chunk_BT = self.engine(mi.inputs, mi.positions_BT, with_values=True)
+                    _, chunk_BT = self.engine(mi.inputs, mi.positions_BT, with_values=True, shared=mi.shared,
+                                              mask_BT=mi.mask_BT)
                     chunk_BT = chunk_BT * mi.mask_BT
                 elif reference:
                     chunk_BT = self._reference_logprobs(mi)
                 else:
-                    logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT)
+                    logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT, shared=mi.shared, mask_BT=mi.mask_BT)
                     chunk_BT = token_logprobs(
                         logits_BTV / self.cfg.loss.temperature, mi.targets_BT, mi.mask_BT
                     )
@@ -519,9 +659,12 @@ class LearnerEngine:
     def _reference_logprobs(self, mi: ModelInputs) -> torch.Tensor:
         if self.lora_enabled:
             with self.module.policy.disable_adapter():
-                logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT)
+                logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT, shared=mi.shared, mask_BT=mi.mask_BT)
         elif self.ref_model is not None:
-            h_BTH = completion_hidden_states(self.ref_model, mi.inputs, mi.positions_BT)
+            if mi.shared is None:
+                h_BTH = completion_hidden_states(self.ref_model, mi.inputs, mi.positions_BT)
+            else:
+                h_BTH = shared_prompt_hidden_states(self.ref_model, mi.inputs, mi.shared, mi.mask_BT)
             logits_BTV = self.ref_model.lm_head(h_BTH).float() + self.module.logit_bias_V
         else:
             raise RuntimeError(
@@ -593,8 +736,10 @@ class LearnerEngine:
             sums["mm"] = float(((eval_lp_BT - sent_BT).abs() * batch.mask_BT).sum())
         for idx in _chunks(len(batch), cfg.micro_batch_size):
             mb = batch.select(idx)
-            mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids, idx[0])
-            logits_BTV, values_BT = self.engine(mi.inputs, mi.positions_BT, with_values=critic)
+            mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids, idx[0],
+                                   shared=self._shared_prompts(training=True))
+            logits_BTV, values_BT = self.engine(mi.inputs, mi.positions_BT, with_values=critic,
+                                                shared=mi.shared, mask_BT=mi.mask_BT)
             logits_BTV = logits_BTV / lc.temperature
             logp_BT = token_logprobs(logits_BTV, mi.targets_BT, mi.mask_BT)
             if eval_lp_BT is None:

@@ -19,6 +19,7 @@ from repic_ray.ports import free_port
 
 from .helpers import (
     hf_logprobs,
+    rl_rows,
     rollout_logit_bias,
     sft_batch,
     tiny_config,
@@ -322,3 +323,48 @@ def test_placeholder_tokens_in_a_completion_are_rejected(learner, images):
     batch.completion_ids[2] = [batch.completion_ids[2][0], learner.processor.image_token_id]
     with pytest.raises(ValueError, match="sequence 2: completion holds token ids"):
         learner.compute_logprobs(batch)
+
+
+def test_shared_prompt_forward_equals_one_forward_per_sequence(learner, images, tmp_path):
+    # GRPO groups: 3 completions per prompt (multi-image, single-image, text-only). Each
+    # distinct prompt runs once and its completions on its cached keys / values: the
+    # log-probs, the reference's, the loss terms, the gradient and the updated weights
+    # must equal those of one whole forward per sequence.
+    _step_away_from_init(learner, images, steps=1)
+    prompts, image_lists, completions = rl_rows(learner.processor, images)
+    tok = learner.processor.tokenizer
+    extra = [tok.encode(" Rex"), tok.encode(" no"), tok.encode(" Mia the cat sits at the bottom right")]
+    rows = [(p, i, c) for p, i, c0 in zip(prompts[:3], image_lists[:3], completions[:3])
+            for c in (c0, *extra[:2])]
+    texts, paths, comps = map(list, zip(*rows))
+    T = max(len(c) for c in comps)
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5, -1.0, 0.4, 0.6])
+    learner.save_checkpoint(tmp_path)
+
+    def run(shared: bool):
+        learner.cfg.shared_prompt_forward = shared
+        try:
+            batch = TrainBatch(texts, paths, comps, torch.zeros(len(rows), T), adv.clone())
+            mi = learner.build_inputs(texts, paths, comps, shared=shared)
+            lp = learner.compute_logprobs(batch)
+            ref = learner.compute_ref_logprobs(batch)
+            batch.old_logprobs_BT = lp.clone()
+            stats = learner.train_step(batch)
+            return mi, lp, ref, stats, _lora_params(learner)
+        finally:
+            learner.load_checkpoint(tmp_path)
+            learner.cfg.shared_prompt_forward = True
+
+    mi_s, lp_s, ref_s, st_s, w_s = run(True)
+    mi_u, lp_u, ref_u, st_u, w_u = run(False)
+    assert mi_s.shared is not None and mi_s.inputs["input_ids"].shape[0] == 3  # 3 distinct prompts
+    assert mi_u.shared is None and mi_u.inputs["input_ids"].shape[0] == len(rows)
+    torch.testing.assert_close(lp_s, lp_u, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_s, ref_u, atol=2e-5, rtol=1e-5)
+    assert (lp_s - ref_s).abs().max() > 1e-4  # the adapter is on: not a vacuous comparison
+    for field in ("loss", "policy_loss", "kl", "entropy", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(getattr(st_s, field)), torch.tensor(getattr(st_u, field)),
+                                   rtol=1e-4, atol=1e-7, msg=field)
+    assert st_s.grad_norm > 0
+    for name in w_s:
+        torch.testing.assert_close(w_s[name], w_u[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -47,7 +47,10 @@ def run_ours(cfg, steps: int, warmup: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = pipeline_parser(__doc__, steps=5)
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (RePIC: 0.04)")
-    p.add_argument("--systems", default="ours,trl", help="comma-separated subset of ours,trl")
+    p.add_argument("--systems", default="ours,ours_async,trl",
+                   help="comma-separated subset of ours (the recipe: sync, on-policy), ours_async "
+                        "(the same with --algo.mode async: generation of step n+1 overlaps step n's "
+                        "update, one step off-policy) and trl")
     p.add_argument("--rounds", type=int, default=2,
                    help="rounds of (ours, then TRL), alternating A B A B; each round starts both "
                         "systems afresh, takes --warmup untimed and --steps timed steps")
@@ -56,22 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_env()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if not systems or set(systems) - {"ours", "trl"}:
-        raise SystemExit(f"--systems: expected a subset of ours,trl, got {args.systems!r}")
+    if not systems or set(systems) - {"ours", "ours_async", "trl"}:
+        raise SystemExit(f"--systems: expected a subset of ours,ours_async,trl, got {args.systems!r}")
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
-    cfg = bench_config(args, [
+    overrides = [
         *step_overrides(args), "--learner.loss.kl_beta", str(args.beta),
         "--trainer.output_dir", str(Path("/tmp") / f"bench-rl-step-{__import__('os').getpid()}"),
         "--reward.verifiable_weight", "0", "--reward.name_weight", "1",
-    ], name="bench_rl_step")
+    ]
+    cfg = bench_config(args, overrides, name="bench_rl_step")
+    cfg_async = bench_config(args, [*overrides, "--algo.mode", "async"], name="bench_rl_step")
 
     rounds: list[dict] = []
     for r in range(args.rounds):
         this: dict = {}
-        if "ours" in systems:
-            this["ours"] = run_ours(cfg, args.steps, args.warmup)
-            print(f"round {r} ours:", json.dumps(this["ours"]), flush=True)  # kept should TRL fail
+        for name, c in (("ours", cfg), ("ours_async", cfg_async)):
+            if name in systems:
+                this[name] = run_ours(c, args.steps, args.warmup)
+                print(f"round {r} {name}:", json.dumps(this[name]), flush=True)  # kept should TRL fail
         if "trl" in systems:
             from bench.trl_grpo import run_trl, sampler_order
             from repic_ray.pipeline.episodes import load_run_data
@@ -102,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
              "lr": cfg.learner.lr, "micro_batch_size": cfg.learner.micro_batch_size,
              "gradient_checkpointing": cfg.learner.gradient_checkpointing,
              "loss_agg": cfg.learner.loss.loss_agg, "steps": args.steps, "warmup": args.warmup,
-             "rounds": args.rounds, "threads": {
+             "rounds": args.rounds, "modes": {"ours": cfg.algo.mode, "ours_async": "async"}, "threads": {
                  "ours": "1 torch thread per Ray actor (rollout worker, reward actor, learner); "
-                         "the vLLM engine is bound to its worker's core",
+                         "the vLLM engine is bound to its worker's core (both ours rows)",
                  "trl": rounds[0]["trl"]["torch_threads"] if "trl" in systems else None}}
     rows = [[name, r["step_seconds"]["min"], r["step_seconds"]["median"], r["step_seconds"]["max"],
              r["samples_per_s_median"], r["completion_tokens_mean"], r["reward_mean"]]
@@ -114,14 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in systems:
         phases = results[name]["phase_seconds_per_step"]
         table += f"\n\n{name}, s/step per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-    if "ours" in results and "trl" in results:
-        # Per round: TRL's median step / ours (per-sample speed, same P x G); then the median.
-        ratios = [spread(rnd["trl"]["step_seconds"])["median"] / spread(rnd["ours"]["step_seconds"])["median"]
-                  for rnd in rounds]
-        results["speedup_per_round"] = ratios
-        results["speedup_samples_per_s"] = spread(ratios)["median"]
-        table += (f"\n\nours / TRL, samples/s: median over rounds {results['speedup_samples_per_s']:.2f}x "
-                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+    for name, suffix in (("ours", ""), ("ours_async", "_async")):
+        if name in results and "trl" in results:
+            # Per round: TRL's median step / ours (per-sample speed, same P x G); then the median.
+            ratios = [spread(rnd["trl"]["step_seconds"])["median"] / spread(rnd[name]["step_seconds"])["median"]
+                      for rnd in rounds]
+            results[f"speedup_per_round{suffix}"] = ratios
+            results[f"speedup_samples_per_s{suffix}"] = spread(ratios)["median"]
+            table += (f"\n\n{name} / TRL, samples/s: median over rounds "
+                      f"{results[f'speedup_samples_per_s{suffix}']:.2f}x "
+                      f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
     finish({"setup": setup, **results}, table, args.out)
     return 0
 

@@ -43,12 +43,13 @@ def render_rl_step(r: dict) -> str:
     rows = [[name, _spread(r[name]["step_seconds"]), r[name]["samples_per_s_median"],
              r[name]["completion_tokens_mean"],
              ", ".join(f"{k} {v:.2f}" for k, v in r[name]["phase_seconds_per_step"].items())]
-            for name in ("ours", "trl") if name in r]
+            for name in ("ours", "ours_async", "trl") if name in r]
     table = markdown_table(["system", "s/step median (min-max)", "samples/s", "tokens/sample",
                             "s/step per phase"], rows)
-    if "speedup_samples_per_s" in r:
-        table += (f"\n\nOurs / TRL, samples/s: **{r['speedup_samples_per_s']:.2f}x** (median over rounds; "
-                  f"rounds {', '.join(f'{x:.2f}' for x in r['speedup_per_round'])}).")
+    for suffix, label in (("", "Ours (sync)"), ("_async", "Ours (async)")):
+        if f"speedup_samples_per_s{suffix}" in r:
+            table += (f"\n\n{label} / TRL, samples/s: **{r[f'speedup_samples_per_s{suffix}']:.2f}x** (median "
+                      f"over rounds; rounds {', '.join(f'{x:.2f}' for x in r[f'speedup_per_round{suffix}'])}).")
     return table
 
 

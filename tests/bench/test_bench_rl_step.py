@@ -1,4 +1,4 @@
-"""bench/bench_rl_step.py end to end, reduced: our pipeline and TRL's GRPOTrainer, 1 + 1 steps."""
+"""bench/bench_rl_step.py end to end, reduced: our pipeline (sync and async) and TRL's GRPOTrainer, 1 + 1 steps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def test_rl_step_bench_measures_ours_and_trl(run_bench, positive):
     out = run_bench("bench_rl_step.py", "--model", "tiny:qwen2.5-vl", "--prompts", "2", "--group", "4",
                     "--max-tokens", "8", "--steps", "1", "--warmup", "1", "--rounds", "1")
-    for system in ("ours", "trl"):
+    for system in ("ours", "ours_async", "trl"):
         positive(out[system]["step_seconds"], "min", "median", "max")
         positive(out[system], "samples_per_s_median", "completion_tokens_mean")
         assert len(out["rounds"][0][system]["step_seconds"]) == 1
@@ -22,5 +22,6 @@ def test_rl_step_bench_measures_ours_and_trl(run_bench, positive):
     # Fair set-up: checkpointing as ours (off in the tiny recipe), our prompt order, threads recorded.
     assert settings["gradient_checkpointing"] is False and settings["shuffle_dataset"] is False
     assert out["setup"]["threads"]["trl"] >= 1
-    positive(out, "speedup_samples_per_s")
+    positive(out, "speedup_samples_per_s", "speedup_samples_per_s_async")
+    assert out["setup"]["modes"] == {"ours": "sync", "ours_async": "async"}
     assert out["machine"]["load_avg_1_5_15_at_start"] and out["machine"]["load_avg_1_5_15_at_end"]

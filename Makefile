@@ -55,7 +55,7 @@ lint: install
 BENCH := $(PY) bench
 bench: install
 	$(BENCH)/bench_rollout.py --prompts 16 --n 8 --max-tokens 96 --iters 5 --out bench/results/rollout.json
-	$(BENCH)/bench_rl_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --rounds 2 --out bench/results/rl_step.json
+	$(BENCH)/bench_rl_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --rounds 3 --out bench/results/rl_step.json
 	$(BENCH)/profile_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --repeats 5 --out bench/results/profile_step.json
 	$(BENCH)/bench_weight_sync.py --prompts 8 --group 8 --max-tokens 96 --steps 5 --out bench/results/weight_sync.json
 	$(BENCH)/bench_async.py --prompts 8 --group 8 --max-tokens 96 --steps 10 --out bench/results/async.json

@@ -50,7 +50,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check repic_ray actors recipes deploy tests bench
 
-# Every table of BENCHMARKS.md from the committed scripts (about 45 minutes on 2 idle cores):
+# Every table of BENCHMARKS.md from the committed scripts (about 30 minutes on 2 idle cores):
 # each writes its JSON under bench/results/, then bench/report.py rewrites the tables.
 BENCH := $(PY) bench
 bench: install

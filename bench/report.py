@@ -60,7 +60,8 @@ def render_rollout(r: dict) -> str:
     if "speedup_samples_per_s" in r:
         table += (f"\n\nvLLM / HF generate: **{r['speedup_samples_per_s']:.2f}x** samples/s, "
                   f"{r['speedup_tokens_per_s']:.2f}x tokens/s (median of pairs; HF with "
-                  f"{r['setup'].get('hf_threads')} threads).")
+                  f"{r['setup'].get('hf_threads')} threads, vLLM's worker on "
+                  f"{r['setup'].get('vllm_cores', 1)} core(s)).")
     return table
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -18,5 +20,8 @@ def test_rollout_bench_measures_both_engines(run_bench, positive):
         assert [c["samples"] for c in out["calls"][engine]] == [4, 4]
     positive(out, "speedup_samples_per_s", "speedup_tokens_per_s")
     assert out["setup"]["hf_threads"] in (1, 2)
+    # both core counts tried for vLLM on a 2-core machine, the faster kept
+    assert str(out["setup"]["vllm_cores"]) in out["setup"]["vllm_warmup_s"]
+    assert set(out["setup"]["vllm_warmup_s"]) == {str(c) for c in (1, 2) if c <= (os.cpu_count() or 1)}
     # RePIC prompts: reference image(s) and the query
     assert out["setup"]["images_per_prompt_max"] >= 2

@@ -50,6 +50,12 @@ SETTINGS: dict[str, list[str]] = {
                            *STRONG_PENALTIES, "--sampling.temperature", "0.6"],
     "cider0.1-pen-t0.6": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1",
                           *STRONG_PENALTIES, "--sampling.temperature", "0.6"],
+    # one greedy completion in each group of 8 (`sampling.greedy_member`): the caption the
+    # evaluation writes is rewarded and penalized in training too
+    "cider0.03-pen-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
+                             *STRONG_PENALTIES, "--sampling.greedy_member", "true"],
+    "cider0.1-pen-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1",
+                            *STRONG_PENALTIES, "--sampling.greedy_member", "true"],
     "cap0.3-kl0.05": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES,
                       "--learner.loss.kl_beta", "0.05"],
 }

@@ -43,6 +43,7 @@ SETTINGS: dict[str, list[str]] = {
     # penalties at full strength, CIDEr-D scaled down inside the caption reward: total =
     # names + cider_weight * CIDEr-D - 1.0 * repeated-4-gram share - 1.0 * (words - 60) / 60
     "cider0.1-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1", *STRONG_PENALTIES],
+    "cider0.05-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05", *STRONG_PENALTIES],
     "cider0.03-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03", *STRONG_PENALTIES],
     # the same at sampling temperature 0.6: rollouts closer to the greedy caption the
     # evaluation (and the service) writes, so the repetition penalty sees its loops

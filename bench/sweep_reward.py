@@ -57,6 +57,16 @@ SETTINGS: dict[str, list[str]] = {
                              *STRONG_PENALTIES, "--sampling.greedy_member", "true"],
     "cider0.1-pen-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1",
                             *STRONG_PENALTIES, "--sampling.greedy_member", "true"],
+    "cider0.03-pen-greedy-kl0.05": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
+                                    *STRONG_PENALTIES, "--sampling.greedy_member", "true",
+                                    "--learner.loss.kl_beta", "0.05"],
+    "cider0.05-pen-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05",
+                             *STRONG_PENALTIES, "--sampling.greedy_member", "true"],
+    # repeated word 3-grams, penalty 2 x their share
+    "cider0.03-rep3-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
+                              "--reward.caption.max_words", "60", "--reward.caption.length_penalty", "1.0",
+                              "--reward.caption.repetition_ngram", "3", "--reward.caption.repetition_penalty", "2.0",
+                              "--sampling.greedy_member", "true"],
     "cap0.3-kl0.05": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES,
                       "--learner.loss.kl_beta", "0.05"],
 }

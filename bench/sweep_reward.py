@@ -43,6 +43,7 @@ SETTINGS: dict[str, list[str]] = {
     # penalties at full strength, CIDEr-D scaled down inside the caption reward: total =
     # names + cider_weight * CIDEr-D - 1.0 * repeated-4-gram share - 1.0 * (words - 60) / 60
     "cider0.1-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1", *STRONG_PENALTIES],
+    "cider0.05-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05", *STRONG_PENALTIES],
     "cider0.03-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03", *STRONG_PENALTIES],
     # the same at sampling temperature 0.6: rollouts closer to the greedy caption the
     # evaluation (and the service) writes, so the repetition penalty sees its loops
@@ -50,6 +51,22 @@ SETTINGS: dict[str, list[str]] = {
                            *STRONG_PENALTIES, "--sampling.temperature", "0.6"],
     "cider0.1-pen-t0.6": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1",
                           *STRONG_PENALTIES, "--sampling.temperature", "0.6"],
+    # one greedy completion in each group of 8 (`sampling.greedy_member`): the caption the
+    # evaluation writes is rewarded and penalized in training too
+    "cider0.03-pen-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
+                             *STRONG_PENALTIES, "--sampling.greedy_member", "true"],
+    "cider0.1-pen-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1",
+                            *STRONG_PENALTIES, "--sampling.greedy_member", "true"],
+    "cider0.03-pen-greedy-kl0.05": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
+                                    *STRONG_PENALTIES, "--sampling.greedy_member", "true",
+                                    "--learner.loss.kl_beta", "0.05"],
+    "cider0.05-pen-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05",
+                             *STRONG_PENALTIES, "--sampling.greedy_member", "true"],
+    # repeated word 3-grams, penalty 2 x their share
+    "cider0.03-rep3-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
+                              "--reward.caption.max_words", "60", "--reward.caption.length_penalty", "1.0",
+                              "--reward.caption.repetition_ngram", "3", "--reward.caption.repetition_penalty", "2.0",
+                              "--sampling.greedy_member", "true"],
     "cap0.3-kl0.05": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES,
                       "--learner.loss.kl_beta", "0.05"],
 }
@@ -149,6 +166,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(rows: list[dict]) -> str:
+    """Markdown: settings run with several seeds, each change after SFT -> after RL as the mean
+    over seeds (min..max), and how many seeds meet every target."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["steps"]), []).append(r)
+    head = ["setting", "steps", "seeds", ">=3 F1 change", ">=3 P change", "CIDEr-D change (pooled)",
+            "CIDEr-D change (k1)", "rep-4gram change", "words change", "seeds meeting every target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def change(rs, key, scale=1.0, fmt="{:+.1f}"):
+        d = [scale * (r["after"][key] - r["before"][key]) for r in rs]
+        return f"{fmt.format(sum(d) / len(d))} ({fmt.format(min(d))}..{fmt.format(max(d))})"
+
+    for (name, steps), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r["seed"])
+        words = [100 * (r["after"]["mean_words"] / r["before"]["mean_words"] - 1) for r in rs]
+        lines.append("| " + " | ".join([
+            name, str(steps), ",".join(str(r["seed"]) for r in rs), change(rs, "k3plus_f1", 100),
+            change(rs, "k3plus_precision", 100), change(rs, "cider_d", fmt="{:+.2f}"),
+            change(rs, "cider_d_k1", fmt="{:+.2f}"), change(rs, "rep4", fmt="{:+.3f}"),
+            f"{sum(words) / len(words):+.0f} % ({min(words):+.0f}..{max(words):+.0f})",
+            f"{sum(not missed_targets(r) for r in rs)} of {len(rs)}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", default="names,cap0.1,cap0.3", help=f"comma-separated, of {list(SETTINGS)}")
@@ -159,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = p.parse_args(argv)
     if args.table:
-        print(table(json.loads((REPO / args.out).read_text())))
+        rows = json.loads((REPO / args.out).read_text())
+        print(table(rows) + "\n\nOver seeds:\n\n" + seed_table(rows))
         return 0
     names = [s for s in args.settings.split(",") if s]
     unknown = [s for s in names if s not in SETTINGS]

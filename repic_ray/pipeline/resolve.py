@@ -69,6 +69,14 @@ def check_rules(cfg: ExperimentConfig) -> None:
             "samples of a prompt identical, so every advantage is zero; use a temperature > 0 "
             "(eval_sampling is the greedy one)"
         )
+    if cfg.sampling.greedy_member and cfg.algo.mode == "async" and cfg.sampling.temperature != 1:
+        raise ConfigError(
+            f"sampling.greedy_member with algo.mode=async needs sampling.temperature 1 (got "
+            f"{cfg.sampling.temperature}): the greedy completion's log-probs, the old ones "
+            "off-policy, are those of temperature 1"
+        )
+    if cfg.eval_sampling.greedy_member:
+        raise ConfigError("eval_sampling.greedy_member: evaluation samples one completion per prompt")
     lora = cfg.learner.lora
     if cfg.cluster.weight_sync == "lora" and lora.enabled != cfg.rollout.enable_lora:
         raise ConfigError(

@@ -29,10 +29,19 @@ class SamplingConfig:
     Derived: in an experiment's `sampling`, from `trainer.seed`."""
     block_vision_tokens: bool = True
     """Never sample the vision special tokens (`<|image_pad|>`, `<|vision_start|>`, ...)."""
+    greedy_member: bool = False
+    """One of each prompt's `n` completions is decoded greedily (temperature 0), the rest
+    sampled: the caption a user is served then gets a reward and an advantage in its group,
+    as the greedy baseline of self-critical sequence training (Rennie et al., 2017) makes
+    the sampled captions compete with it. Its log-probs are those of temperature 1, so the
+    learner's `rollout/logprob_mismatch` is exact for it only at `temperature: 1`. vLLM
+    engine only; needs n >= 2."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"sampling.n must be >= 1, got {self.n}")
+        if self.greedy_member and self.temperature == 0:
+            raise ValueError("sampling.greedy_member: with temperature 0 every completion is greedy already")
         if not 0 <= self.temperature <= 2:
             raise ValueError(f"sampling.temperature must be in [0, 2], got {self.temperature}")
         if not 0 < self.top_p <= 1:

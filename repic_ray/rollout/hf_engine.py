@@ -63,6 +63,8 @@ class HFRolloutEngine:
     ) -> list[RolloutResult]:
         """Sample `n` completions per request; results come back in request order."""
         sampling = sampling or self.cfg.sampling
+        if sampling.greedy_member:
+            raise ValueError("sampling.greedy_member is supported by the vLLM rollout engine only")
         validate_requests(requests, self.cfg.limit_images_per_prompt)
         if not requests:
             return []

@@ -124,19 +124,34 @@ class VLLMRolloutEngine:
             prompt: dict[str, Any] = {"prompt": r.prompt_text}
             if r.image_paths:
                 prompt["multi_modal_data"] = {"image": load_images(r)}
-            prompts.append(prompt)
-            params.append(self._sampling_params(r, sampling))
+            n = num_samples(r, sampling)
+            if sampling.greedy_member:
+                if n < 2:
+                    raise ValueError(
+                        f"request {r.uid!r}: sampling.greedy_member needs n >= 2 completions, got {n}"
+                    )
+                # n - 1 sampled, then the greedy one: two vLLM requests on the same prompt
+                # (its prefix and images are cached for the second).
+                prompts += [prompt, prompt]
+                params += [self._sampling_params(r, sampling, n - 1),
+                           self._sampling_params(r, sampling, 1, greedy=True)]
+            else:
+                prompts.append(prompt)
+                params.append(self._sampling_params(r, sampling, n))
         outputs = self.llm.generate(
             prompts, params, lora_request=self._lora_request, use_tqdm=False
         )
+        if sampling.greedy_member:
+            return [self._result(r, outputs[2 * i], outputs[2 * i + 1]) for i, r in enumerate(requests)]
         return [self._result(r, out) for r, out in zip(requests, outputs)]
 
-    def _sampling_params(self, request: RolloutRequest, sampling: SamplingConfig):
+    def _sampling_params(self, request: RolloutRequest, sampling: SamplingConfig, n: int,
+                         greedy: bool = False):
         from vllm import SamplingParams
 
         return SamplingParams(
-            n=num_samples(request, sampling),
-            temperature=sampling.temperature,
+            n=n,
+            temperature=0.0 if greedy else sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
@@ -145,9 +160,9 @@ class VLLMRolloutEngine:
             logit_bias={t: _BLOCK_BIAS for t in self._blocked} if sampling.block_vision_tokens else None,
         )
 
-    def _result(self, request: RolloutRequest, out: Any) -> RolloutResult:
+    def _result(self, request: RolloutRequest, *outs: Any) -> RolloutResult:
         completions = []
-        for c in sorted(out.outputs, key=lambda c: c.index):
+        for c in [c for out in outs for c in sorted(out.outputs, key=lambda c: c.index)]:
             token_ids = list(c.token_ids)
             if c.logprobs is None or len(c.logprobs) != len(token_ids):
                 raise RuntimeError(

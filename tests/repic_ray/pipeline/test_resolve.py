@@ -124,3 +124,12 @@ def test_config_show_prints_the_resolved_yaml(capsys):
     assert shown["rollout"]["model"] == shown["learner"]["model"] == "checkpoints/tiny-sft"
     assert repic_main(["config", "show", "--config", str(TINY), "--sampling.n", "3"]) == 2
     assert "sampling.n (3) is derived from algo.group_size (8)" in capsys.readouterr().err
+
+
+def test_greedy_member_rules():
+    assert load("--sampling.greedy_member", "true").sampling.greedy_member is True
+    assert load("--sampling.greedy_member", "true", "--algo.mode", "async").sampling.greedy_member
+    with pytest.raises(ConfigError, match=r"greedy_member.*algo\.mode=async.*sampling\.temperature 1"):
+        load("--sampling.greedy_member", "true", "--algo.mode", "async", "--sampling.temperature", "0.7")
+    with pytest.raises(ConfigError, match=r"eval_sampling.*greedy_member"):
+        load("--eval_sampling.greedy_member", "true")

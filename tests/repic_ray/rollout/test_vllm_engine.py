@@ -206,3 +206,23 @@ def test_bad_requests_and_updates_are_rejected_by_name(engine, requests, image_p
         engine.update_lora({"q_proj.weight": torch.zeros(1)},
                            {"r": 8, "lora_alpha": 16, "target_modules": "x"}, version=1)
     assert engine.policy_version == 0
+
+
+def test_greedy_member_is_the_greedy_completion_beside_sampled_ones(engine, requests):
+    # sampling.greedy_member: of n completions per prompt, n - 1 sampled and the last the
+    # greedy decode (what evaluation and the service write), with temperature-1 log-probs.
+    mixed = SamplingConfig(n=3, max_tokens=8, seed=0, greedy_member=True)
+    picked = requests[1:4]  # n from the sampling config (the first request asks for its own n)
+    got = engine.generate(picked, mixed)
+    greedy = engine.generate(picked, SamplingConfig(n=1, max_tokens=8, temperature=0.0))
+    plain = engine.generate(picked, SamplingConfig(n=2, max_tokens=8, seed=0))
+    for res, g, p in zip(got, greedy, plain):
+        assert len(res.completions) == 3
+        assert res.completions[-1].token_ids == g.completions[0].token_ids
+        assert res.completions[-1].logprobs == pytest.approx(g.completions[0].logprobs, abs=1e-5)
+        # the sampled ones are the seeded samples a plain request of n - 1 draws
+        assert [c.token_ids for c in res.completions[:2]] == [c.token_ids for c in p.completions[:2]]
+    with pytest.raises(ValueError, match="greedy_member needs n >= 2"):
+        engine.generate(picked[:1], SamplingConfig(n=1, max_tokens=8, greedy_member=True))
+    with pytest.raises(ValueError, match="every completion is greedy already"):
+        SamplingConfig(temperature=0.0, greedy_member=True)

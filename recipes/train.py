@@ -286,6 +286,13 @@ def training_step(run: Run) -> dict[str, float]:
         values = np.asarray(values, dtype=np.float64)
         metrics[f"reward/{name}_mean"] = float(values.mean())
         metrics[f"reward/{name}_std"] = float(values.std())
+    if cfg.sampling.greedy_member:
+        # The last completion of each group is the greedy one: the caption evaluation writes.
+        greedy = [i for i in range(len(index)) if i + 1 == len(index) or index[i + 1] != index[i]]
+        metrics["greedy/reward_mean"] = float(rewards_B[greedy].mean())
+        metrics["greedy/repeated_4gram_mean"] = float(np.mean([repeated_ngram_rate(completions[i][1].text)
+                                                               for i in greedy]))
+        metrics["greedy/length_mean"] = float(lengths[greedy].float().mean())
     return metrics
 
 

@@ -76,6 +76,9 @@ def test_step_metrics_and_versions(run):
         assert key in metrics and math.isfinite(metrics[key]), key
     # the learner recomputed the rollout's log-probs on the same weights (fp32: ~1e-5)
     assert metrics["rollout/logprob_mismatch"] < 1e-3
+    if run.cfg.sampling.greedy_member:  # the recipe's greedy completion per group, reported apart
+        for key in ("greedy/reward_mean", "greedy/repeated_4gram_mean", "greedy/length_mean"):
+            assert math.isfinite(metrics[key]), key
     # per-worker counters aggregated over both workers with RLlib's MetricsLogger
     assert metrics["rollout/samples"] == 2 * 4 and metrics["rollout/tokens"] > 0
     # both workers now serve version 1

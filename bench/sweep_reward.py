@@ -9,7 +9,8 @@ evals.json and records, before (the SFT checkpoint) and after RL: >=3-concept pr
 recall / F1, 1-concept F1, pooled and 1-concept CIDEr-D, pooled repeated-4-gram rate,
 mean words and the share of captions at the token cap, plus the wall time. Results are
 merged into `--out` by (setting, seed, steps), so settings can be run in separate calls.
-A setting is a list of dotted overrides on the recipe (see SETTINGS).
+A setting is a list of dotted overrides on the recipe (see SETTINGS); each names
+`sampling.greedy_member`, so a setting means the same whatever the recipe's default.
 """
 
 from __future__ import annotations
@@ -36,21 +37,24 @@ STRONG_PENALTIES = [
 ]
 SETTINGS: dict[str, list[str]] = {
     # the name reward alone (the recipe before the caption-quality reward)
-    "names": ["--reward.caption_weight", "0"],
-    "cap0.1": ["--reward.caption_weight", "0.1", *CAPTION_PENALTIES],
-    "cap0.3": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES],
-    "cap1.0": ["--reward.caption_weight", "1.0", *CAPTION_PENALTIES],
+    "names": ["--reward.caption_weight", "0", "--sampling.greedy_member", "false"],
+    "cap0.1": ["--reward.caption_weight", "0.1", *CAPTION_PENALTIES, "--sampling.greedy_member", "false"],
+    "cap0.3": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES, "--sampling.greedy_member", "false"],
+    "cap1.0": ["--reward.caption_weight", "1.0", *CAPTION_PENALTIES, "--sampling.greedy_member", "false"],
     # penalties at full strength, CIDEr-D scaled down inside the caption reward: total =
     # names + cider_weight * CIDEr-D - 1.0 * repeated-4-gram share - 1.0 * (words - 60) / 60
-    "cider0.1-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1", *STRONG_PENALTIES],
-    "cider0.05-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05", *STRONG_PENALTIES],
-    "cider0.03-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03", *STRONG_PENALTIES],
+    "cider0.1-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1", *STRONG_PENALTIES,
+                     "--sampling.greedy_member", "false"],
+    "cider0.05-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05", *STRONG_PENALTIES,
+                     "--sampling.greedy_member", "false"],
+    "cider0.03-pen": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03", *STRONG_PENALTIES,
+                     "--sampling.greedy_member", "false"],
     # the same at sampling temperature 0.6: rollouts closer to the greedy caption the
     # evaluation (and the service) writes, so the repetition penalty sees its loops
     "cider0.03-pen-t0.6": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
-                           *STRONG_PENALTIES, "--sampling.temperature", "0.6"],
+                           *STRONG_PENALTIES, "--sampling.temperature", "0.6", "--sampling.greedy_member", "false"],
     "cider0.1-pen-t0.6": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.1",
-                          *STRONG_PENALTIES, "--sampling.temperature", "0.6"],
+                          *STRONG_PENALTIES, "--sampling.temperature", "0.6", "--sampling.greedy_member", "false"],
     # one greedy completion in each group of 8 (`sampling.greedy_member`): the caption the
     # evaluation writes is rewarded and penalized in training too
     "cider0.03-pen-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
@@ -68,7 +72,7 @@ SETTINGS: dict[str, list[str]] = {
                               "--reward.caption.repetition_ngram", "3", "--reward.caption.repetition_penalty", "2.0",
                               "--sampling.greedy_member", "true"],
     "cap0.3-kl0.05": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES,
-                      "--learner.loss.kl_beta", "0.05"],
+                      "--learner.loss.kl_beta", "0.05", "--sampling.greedy_member", "false"],
 }
 
 

@@ -40,8 +40,6 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"sampling.n must be >= 1, got {self.n}")
-        if self.greedy_member and self.temperature == 0:
-            raise ValueError("sampling.greedy_member: with temperature 0 every completion is greedy already")
         if not 0 <= self.temperature <= 2:
             raise ValueError(f"sampling.temperature must be in [0, 2], got {self.temperature}")
         if not 0 < self.top_p <= 1:

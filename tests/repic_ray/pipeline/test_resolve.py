@@ -131,5 +131,5 @@ def test_greedy_member_rules():
     assert load("--sampling.greedy_member", "true", "--algo.mode", "async").sampling.greedy_member
     with pytest.raises(ConfigError, match=r"greedy_member.*algo\.mode=async.*sampling\.temperature 1"):
         load("--sampling.greedy_member", "true", "--algo.mode", "async", "--sampling.temperature", "0.7")
-    with pytest.raises(ConfigError, match=r"eval_sampling.*greedy_member"):
+    with pytest.raises(ConfigError, match=r"eval_sampling\.greedy_member: evaluation samples one"):
         load("--eval_sampling.greedy_member", "true")

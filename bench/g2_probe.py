@@ -81,6 +81,7 @@ def episodes(rng, triples, names, refs, queries, tok, n):
 
 TEMPLATE: dict[str, list[int]] | None = None
 TEMPLATE_SIDES = ("refs", "query")
+TEMPLATE_ON = True  # off during a bare-layout warm-up (--template-from)
 
 
 def set_template(tok) -> None:
@@ -103,19 +104,20 @@ def embed(model, eps, answers: bool, swap: bool = False):
 
     def t(key):
         return emb(torch.tensor(TEMPLATE[key]))
+    templ = TEMPLATE if TEMPLATE_ON else None
     for r, ids, q, present in eps:
         order = list(range(len(r)))[::-1] if swap else list(range(len(r)))
         parts = []
-        if TEMPLATE:
+        if templ:
             parts.append(t("head"))
         for i in order:
-            if TEMPLATE and "refs" in TEMPLATE_SIDES:
+            if templ and "refs" in TEMPLATE_SIDES:
                 parts += [t("vs"), r[i][None], t("ve"), t("pre_name"), emb(torch.tensor(ids[i])), t("post_name")]
             elif NAME_FIRST:
                 parts += [emb(torch.tensor(ids[i])), r[i][None]]
             else:
                 parts += [r[i][None], emb(torch.tensor(ids[i]))]
-        parts += [t("vs"), q, t("ve"), t("tail")] if TEMPLATE and "query" in TEMPLATE_SIDES else [q]
+        parts += [t("vs"), q, t("ve"), t("tail")] if templ and "query" in TEMPLATE_SIDES else [q]
         ans = ids[present]
         if answers:
             parts.append(emb(torch.tensor(ans[:-1], dtype=torch.long)))
@@ -164,6 +166,9 @@ def main() -> None:
     ap.add_argument("--name-first", action="store_true")
     ap.add_argument("--template", nargs="?", const="both", choices=["both", "refs", "query"],
                     help="the chat template's text around images and names (both, or one side only)")
+    ap.add_argument("--template-from", type=int, default=0,
+                    help="with --template: train the bare layout until this step, the template after "
+                         "(evaluation always in the template layout)")
     ap.add_argument("--seed", type=int, default=0, help="init and training-episode seed (evaluation episodes fixed)")
     ap.add_argument("--reinit", nargs="?", const="all", default=None,
                     help="re-initialise the language model: all (torch defaults), linear, embedding, std=X")
@@ -209,8 +214,10 @@ def main() -> None:
     ev = episodes(random.Random(99), held_t, eval_n, refs, queries, tok, 400)
     log = []
     t0 = time.time()
+    global TEMPLATE_ON
     for step in range(1, args.steps + 1):
         eps = episodes(rng, train_t, train_n, refs, queries, tok, args.batch)
+        TEMPLATE_ON = step > args.template_from
         x, y = embed(model, eps, answers=True)
         logits = forward(model, x)[:, -y.shape[1]:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -218,6 +225,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         if step % args.eval_every == 0 or step == args.steps:
+            TEMPLATE_ON = True
             acc, first, _ = evaluate(model, ev)
             sacc, _, _ = evaluate(model, ev, swap=True)
             row = {"step": step, "loss": round(loss.item(), 4), "eval_exact": acc, "eval_syllable2": first,

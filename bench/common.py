@@ -81,8 +81,11 @@ def step_overrides(args: argparse.Namespace) -> list[str]:
     """Config overrides for `pipeline_parser`'s options (validated)."""
     if args.steps < 1 or args.warmup < 0 or args.prompts < 1 or args.group < 1:
         raise SystemExit("--steps, --prompts and --group must be >= 1 and --warmup >= 0")
+    # Every completion sampled (no greedy member), as TRL and the HF engine sample them: the
+    # systems do the same work (`--set sampling.greedy_member true` measures the recipe's).
     return ["--algo.prompts_per_step", str(args.prompts), "--algo.group_size", str(args.group),
-            "--learner.micro_batch_size", str(min(16, args.prompts * args.group))]
+            "--learner.micro_batch_size", str(min(16, args.prompts * args.group)),
+            "--sampling.greedy_member", "false"]
 
 
 def bench_config(args: argparse.Namespace, overrides: Sequence[str] = (), name: str = "bench"):

@@ -124,10 +124,7 @@ class PolicyWithValue(nn.Module):
         shared: SharedPrompts | None = None,
         mask_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if shared is None:
-            h_BTH = completion_hidden_states(self.hf_model, inputs, positions_BT)
-        else:
-            h_BTH = shared_prompt_hidden_states(self.hf_model, inputs, shared, mask_BT)
+        h_BTH = sequence_hidden_states(self.hf_model, inputs, positions_BT, shared, mask_BT)
         logits_BTV = self.hf_model.lm_head(h_BTH).float() + self.logit_bias_V
         values_BT = None
         if with_values:
@@ -150,6 +147,19 @@ def completion_hidden_states(
     h_BLH = out.last_hidden_state
     idx = positions_BT[:, :, None].expand(-1, -1, h_BLH.shape[-1])
     return torch.gather(h_BLH, 1, idx)
+
+
+def sequence_hidden_states(
+    hf_model: nn.Module,
+    inputs: dict,
+    positions_BT: torch.Tensor,
+    shared: SharedPrompts | None,
+    mask_BT: torch.Tensor | None,
+) -> torch.Tensor:
+    """`completion_hidden_states`, or `shared_prompt_hidden_states` for shared-prompt inputs."""
+    if shared is None:
+        return completion_hidden_states(hf_model, inputs, positions_BT)
+    return shared_prompt_hidden_states(hf_model, inputs, shared, mask_BT)
 
 
 def shared_prompt_hidden_states(
@@ -599,6 +609,11 @@ class LearnerEngine:
             shared=shared,
         )
 
+    def _forward(self, mi: ModelInputs, with_values: bool = False):
+        """The DeepSpeed engine's forward of `mi`: (logits, values) at the completion positions."""
+        return self.engine(mi.inputs, mi.positions_BT, with_values=with_values, shared=mi.shared,
+                           mask_BT=mi.mask_BT)
+
     def _shared_prompts(self, training: bool) -> bool:
         """Whether RL forwards share prompts: on unless disabled, or training under
         gradient checkpointing (which runs without a key/value cache)."""
@@ -639,13 +654,12 @@ class LearnerEngine:
                     shared=self._shared_prompts(training=False),
                 )
                 if values:
-                    _, chunk_BT = self.engine(mi.inputs, mi.positions_BT, with_values=True, shared=mi.shared,
-                                              mask_BT=mi.mask_BT)
+                    _, chunk_BT = self._forward(mi, with_values=True)
                     chunk_BT = chunk_BT * mi.mask_BT
                 elif reference:
                     chunk_BT = self._reference_logprobs(mi)
                 else:
-                    logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT, shared=mi.shared, mask_BT=mi.mask_BT)
+                    logits_BTV, _ = self._forward(mi)
                     chunk_BT = token_logprobs(
                         logits_BTV / self.cfg.loss.temperature, mi.targets_BT, mi.mask_BT
                     )
@@ -659,12 +673,9 @@ class LearnerEngine:
     def _reference_logprobs(self, mi: ModelInputs) -> torch.Tensor:
         if self.lora_enabled:
             with self.module.policy.disable_adapter():
-                logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT, shared=mi.shared, mask_BT=mi.mask_BT)
+                logits_BTV, _ = self._forward(mi)
         elif self.ref_model is not None:
-            if mi.shared is None:
-                h_BTH = completion_hidden_states(self.ref_model, mi.inputs, mi.positions_BT)
-            else:
-                h_BTH = shared_prompt_hidden_states(self.ref_model, mi.inputs, mi.shared, mi.mask_BT)
+            h_BTH = sequence_hidden_states(self.ref_model, mi.inputs, mi.positions_BT, mi.shared, mi.mask_BT)
             logits_BTV = self.ref_model.lm_head(h_BTH).float() + self.module.logit_bias_V
         else:
             raise RuntimeError(
@@ -738,8 +749,7 @@ class LearnerEngine:
             mb = batch.select(idx)
             mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids, idx[0],
                                    shared=self._shared_prompts(training=True))
-            logits_BTV, values_BT = self.engine(mi.inputs, mi.positions_BT, with_values=critic,
-                                                shared=mi.shared, mask_BT=mi.mask_BT)
+            logits_BTV, values_BT = self._forward(mi, with_values=critic)
             logits_BTV = logits_BTV / lc.temperature
             logp_BT = token_logprobs(logits_BTV, mi.targets_BT, mi.mask_BT)
             if eval_lp_BT is None:
@@ -795,7 +805,7 @@ class LearnerEngine:
         for idx in _chunks(len(batch), cfg.micro_batch_size):
             mb = batch.select(idx)
             mi = self.build_inputs(mb.prompt_texts, mb.image_paths, mb.completion_ids, idx[0])
-            logits_BTV, _ = self.engine(mi.inputs, mi.positions_BT)
+            logits_BTV, _ = self._forward(mi)
             nll_BT = -token_logprobs(logits_BTV, mi.targets_BT, mi.mask_BT)
             w_BT = weights_BT[idx, : nll_BT.shape[1]].to(self.device)
             loss = aggregate_loss(w_BT * nll_BT, mi.mask_BT, "token_mean", normalizer=normalizer)

@@ -43,6 +43,7 @@ from PIL import Image
 from repic_ray.data.names import Triple, all_triples, triple_split
 from repic_ray.data.synthetic import GRID, _background, draw_object
 from repic_ray.data.vocab import CATEGORIES, SHAPE_CATEGORY
+from repic_ray.threads import torch_threads
 
 
 def shape_categories() -> dict[str, str]:
@@ -204,7 +205,11 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
 def train_clip(out: str | Path, cfg: ClipTrainConfig, log_every: int = 50) -> Path:
     """Train the tiny CLIP on the training triples and save it (with its config and
     log) to `out`."""
-    torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads):
+        return _train_clip(out, cfg, log_every)
+
+
+def _train_clip(out: str | Path, cfg: ClipTrainConfig, log_every: int = 50) -> Path:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     train_triples = list(triple_split()[0])
@@ -429,7 +434,12 @@ def train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
                 eval_every: int = 500) -> Path:
     """Train the tiny Grounding DINO with transformers' own detection loss; save it
     (with its config and log) to `out`, and a copy every `eval_every` steps."""
-    torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads):
+        return _train_gdino(out, cfg, log_every, eval_every)
+
+
+def _train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
+                eval_every: int = 500) -> Path:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     mapping = shape_categories()

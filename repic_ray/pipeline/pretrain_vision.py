@@ -38,6 +38,7 @@ from torch import nn
 from repic_ray.data.names import Triple, triple_split
 from repic_ray.data.synthetic import GRID, draw_query, draw_reference, place_in_cell
 from repic_ray.data.vocab import COLOURS, PATTERNS, SHAPES
+from repic_ray.threads import torch_threads
 
 log = logging.getLogger("repic.pretrain_vision")
 
@@ -212,11 +213,14 @@ def reinit_language_model(model: Any, seed: int) -> int:
 def run_pretrain_vision(cfg: Any) -> Path:
     """Train `cfg.pretrain_vision.steps` steps from `cfg.learner.model`; returns the
     written checkpoint directory (log next to it as `<name>_log.jsonl`)."""
+    with torch_threads(cfg.pretrain_vision.num_threads):
+        return _run_pretrain_vision(cfg)
+
+
+def _run_pretrain_vision(cfg: Any) -> Path:
     from repic_ray.models.loading import load_policy, load_processor, resolve_checkpoint
 
     pv = cfg.pretrain_vision
-    if pv.num_threads:
-        torch.set_num_threads(pv.num_threads)
     torch.manual_seed(cfg.trainer.seed)
     base = resolve_checkpoint(cfg.learner.model)
     out = Path(pv.output or Path(cfg.output_dir) / "vision")

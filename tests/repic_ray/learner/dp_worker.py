@@ -2,7 +2,8 @@
 
     python dp_worker.py RANK WORLD_SIZE PORT JOB.pt OUT.pt
 
-JOB.pt holds `cfg` (LearnerConfig), `shards` (one TrainBatch per rank) and `steps`;
+JOB.pt holds `cfg` (LearnerConfig), `shards` (one TrainBatch per rank), `steps` and
+`threads` (the parent's torch thread count);
 OUT.pt receives this rank's TrainStats, exported LoRA tensors and final log-probs.
 """
 
@@ -17,6 +18,7 @@ from repic_ray.learner import LearnerEngine
 
 def main(rank: int, world_size: int, port: int, job_path: str, out_path: str) -> None:
     job = torch.load(job_path, weights_only=False)
+    torch.set_num_threads(job["threads"])
     learner = LearnerEngine(job["cfg"], rank=rank, world_size=world_size, master_port=port)
     batch = job["shards"][rank]
     stats = [learner.train_step(batch) for _ in range(job["steps"])]

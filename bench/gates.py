@@ -92,17 +92,23 @@ def yes_no_accuracy(answers: Sequence[str], samples: Sequence[Any]) -> dict[str,
             "accuracy_yes": sum(yes) / max(1, len(yes)), "accuracy_no": sum(no) / max(1, len(no))}
 
 
-def _generate(checkpoint: str, samples: Sequence[Any], max_tokens: int, batch_size: int) -> list[str]:
+def _generate(checkpoint: str, samples: Sequence[Any], max_tokens: int, batch_size: int,
+              layout: str = "chat") -> list[str]:
+    """Greedy answers; `layout="bare"` shows the samples as SFT's curriculum warm-up does
+    (`repic_ray.prompts.bare_text`), "chat" as the real prompt."""
     from repic_ray.evaluation.generate import greedy_captions
     from repic_ray.models.loading import load_processor, resolve_checkpoint
-    from repic_ray.prompts import build_prompt
+    from repic_ray.prompts import Prompt, bare_text, build_prompt
     from repic_ray.rollout.config import RolloutConfig, SamplingConfig
     from repic_ray.rollout.hf_engine import HFRolloutEngine
 
     path = resolve_checkpoint(checkpoint)
     processor = load_processor(path)
     rng = random.Random(0)
-    prompts = [build_prompt(s, processor, rng=rng, suffix_mode="none") for s in samples]
+    if layout == "bare":
+        prompts = [Prompt([], list(s.images), bare_text(s.images, s.ref_names)) for s in samples]
+    else:
+        prompts = [build_prompt(s, processor, rng=rng, suffix_mode="none") for s in samples]
     engine = HFRolloutEngine(RolloutConfig(
         model=path, dtype="float32", limit_images_per_prompt=max(len(s.images) for s in samples),
         sampling=SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens)))
@@ -146,16 +152,17 @@ def gate_g2(args: argparse.Namespace) -> dict[str, Any]:
     if not samples:
         raise SystemExit(f"{data}/eval/concepts_1.json: no samples with {args.refs} references")
     start = time.perf_counter()
-    answers = _generate(args.checkpoint, samples, args.max_tokens, args.batch_size)
+    answers = _generate(args.checkpoint, samples, args.max_tokens, args.batch_size, args.layout)
     result: dict[str, Any] = {"gate": "g2", "checkpoint": args.checkpoint, "data": str(data),
-                              "question": WHO_QUESTION, **binding_accuracy(answers, samples)}
+                              "question": WHO_QUESTION if args.layout == "chat" else None,
+                              "layout": args.layout, **binding_accuracy(answers, samples)}
     if args.refs == 2:
         # The same prompts with the two reference images swapped (names stay in place): a
         # model that binds names to images must now answer the other name.
         swapped = [dc.replace(s, images=[s.images[1], s.images[0], s.images[2]],
                               concepts=[n for n in s.ref_names if n != s.concepts[0]])
                    for s in samples]
-        swapped_answers = _generate(args.checkpoint, swapped, args.max_tokens, args.batch_size)
+        swapped_answers = _generate(args.checkpoint, swapped, args.max_tokens, args.batch_size, args.layout)
         result["swapped_references"] = binding_accuracy(swapped_answers, swapped)
         result["answer_unchanged_when_swapped"] = sum(
             a == b for a, b in zip(answers, swapped_answers)) / len(answers)
@@ -221,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     g2.add_argument("--max-samples", type=int, default=200)
     g2.add_argument("--max-tokens", type=int, default=8)
     g2.add_argument("--batch-size", type=int, default=16)
+    g2.add_argument("--layout", choices=["chat", "bare"], default="chat",
+                    help="the real prompt (the gate), or the bare layout of SFT's curriculum warm-up")
     for sp in (g1, names, g2):
         sp.add_argument("--out", help="JSON output (default bench/results/gate_<name>.json)")
         sp.add_argument("--threads", type=int, default=1)

@@ -26,7 +26,7 @@ from repic_ray.models.loading import load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
 from repic_ray.pipeline.sampler import PromptSampler
 from repic_ray.ports import free_port
-from repic_ray.prompts import build_prompt
+from repic_ray.prompts import bare_text, build_prompt
 
 log = logging.getLogger("repic.sft")
 
@@ -47,17 +47,23 @@ def name_token_ids(tokenizer: Any, names: list[str]) -> set[int]:
     return ids
 
 
-def make_sft_batch(items: list[TrainSample], processor: Any, rng: random.Random, upweight: set[int]) -> SFTBatch:
+def make_sft_batch(items: list[TrainSample], processor: Any, rng: random.Random, upweight: set[int],
+                   bare: bool = False) -> SFTBatch:
+    """One SFT batch; `bare` lays the samples out as `bare_text` (the curriculum's start)."""
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
     prompts, images, targets, weights = [], [], [], []
     for sample in items:
         if not sample.target:
             raise ValueError(f"{sample.source}[{sample.index}]: SFT sample has no 'target'")
-        prompt = build_prompt(sample, processor, rng=rng)
         ids = tok.encode(sample.target, add_special_tokens=False) + [end]
-        prompts.append(prompt.text)
-        images.append(list(prompt.image_paths))
+        if bare:
+            prompts.append(bare_text(sample.images, sample.ref_names))
+            images.append(list(sample.images))
+        else:
+            prompt = build_prompt(sample, processor, rng=rng)
+            prompts.append(prompt.text)
+            images.append(list(prompt.image_paths))
         targets.append(ids)
         weights.append(sorted(set(ids) & upweight))
     return SFTBatch(prompts, images, targets, upweight_token_ids=weights if upweight else None)
@@ -92,10 +98,12 @@ def run_sft(cfg: ExperimentConfig, data_sft: Path | None = None) -> Path:
     start = time.perf_counter()
     with log_path.open("w") as logf:
         for step in range(1, cfg.sft.steps + 1):
-            batch = make_sft_batch([s for _, s in sampler.next(cfg.sft.batch_size)], processor, rng, upweight)
+            bare = step <= cfg.sft.bare_layout_steps
+            batch = make_sft_batch([s for _, s in sampler.next(cfg.sft.batch_size)], processor, rng, upweight,
+                                   bare=bare)
             stats = engine.sft_step(batch)
             if step % cfg.sft.log_every == 0 or step == cfg.sft.steps:
-                rec = {"step": step, "loss": stats.loss, "lr": stats.lr,
+                rec = {"step": step, "loss": stats.loss, "lr": stats.lr, "layout": "bare" if bare else "chat",
                        "elapsed_s": round(time.perf_counter() - start, 1)}
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()

@@ -209,10 +209,18 @@ class SFTConfig:
     num_threads: int = 0
     """Torch intra-op threads of the SFT process (0 = torch's default). On a small,
     shared CPU machine 1 thread avoids oversubscription (measured 4x faster here)."""
+    bare_layout_steps: int = 0
+    """Curriculum: the first N steps show each sample in the bare layout (each reference
+    image directly followed by its name, then the query image, then the target; no chat
+    template, no question), the rest in the real prompt. A small language model learns
+    to bind names to images in the bare layout first and then carries it over to the
+    chat template, which it does not learn from the start (see BENCHMARKS.md, G2)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("sft: steps >= 0, batch_size >= 1 and lr > 0 required")
+        if self.bare_layout_steps < 0:
+            raise ValueError(f"sft.bare_layout_steps must be >= 0, got {self.bare_layout_steps}")
 
 
 @dataclass

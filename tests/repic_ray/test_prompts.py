@@ -15,6 +15,7 @@ from repic_ray.prompts import (
     NAME_SUFFIX,
     NO_DUPLICATE_SUFFIX,
     YES_NO_SUFFIX,
+    bare_text,
     build_messages,
     build_prompt,
     caption_prompt,
@@ -138,3 +139,22 @@ def test_vllm_input_and_caption_prompt(processor, images):
 def test_render_needs_a_chat_template(images):
     with pytest.raises(TypeError, match="apply_chat_template"):
         build_prompt(_sample(images), object(), rng=random.Random(0))
+
+
+def test_bare_layout_puts_each_name_right_after_its_image_and_tokenizes_names_as_the_prompt(processor, images):
+    vis = "<|vision_start|><|image_pad|><|vision_end|>"
+    text = bare_text(images, ["Bo", "Miss Daisy"])
+    assert text == f"{vis}Bo{vis}Miss Daisy{vis}"
+    enc = processor(text=[text], images=[Image.open(p) for p in images], return_tensors="pt")
+    assert enc["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2], [1, 6, 6]]
+    # The name's tokens are the ones of "<Bo>" in the chat prompt and of an SFT target "Bo".
+    tok = processor.tokenizer
+    ids = enc["input_ids"][0].tolist()
+    name = tok.encode("Bo", add_special_tokens=False)
+    start = ids.index(tok.convert_tokens_to_ids("<|vision_end|>")) + 1
+    assert ids[start:start + len(name)] == name
+    assert bare_text(images[-1:], None) == vis
+    with pytest.raises(ValueError, match="2 reference images"):
+        bare_text(images, ["Bo"])
+    with pytest.raises(ValueError, match="query image"):
+        bare_text([], None)

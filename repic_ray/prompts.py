@@ -148,22 +148,24 @@ def build_prompt(sample: TrainSample, processor_or_tokenizer: Any, *, rng: rando
     return Prompt(messages, list(sample.images), render(messages, processor_or_tokenizer))
 
 
-VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-"""One image in Qwen2-VL / Qwen2.5-VL text (the processor expands the pad token)."""
+BARE_IMAGE = "<|vision_start|><|image_pad|>"
+"""One image in the bare layout: the processor expands the pad token; the model's rotary
+positions need the start token; the end token is left out, so a name's first token
+directly follows its image's last."""
 
 
 def bare_text(image_paths: Sequence[str], ref_names: Sequence[str] | None) -> str:
     """The bare layout of SFT's curriculum (`sft.bare_layout_steps`): each reference
-    image directly followed by its name, then the query image; no chat template and no
-    question. The names are spelled as inside the real prompt's `<Name>`, so the target
-    tokens are the same in both layouts."""
+    image directly followed by its name, then the query image; no chat template, no
+    question, no `<|vision_end|>`. The names are spelled as inside the real prompt's
+    `<Name>`, so the target tokens are the same in both layouts."""
     if not image_paths:
         raise ValueError("a prompt needs at least the query image")
     names = list(ref_names or [])
     if names and len(names) != len(image_paths) - 1:
         raise ValueError(f"{len(names)} reference names for {len(image_paths) - 1} reference images")
-    refs = [VISION_PLACEHOLDER + (names[i] if names else "") for i in range(len(image_paths) - 1)]
-    return "".join(refs) + VISION_PLACEHOLDER
+    refs = [BARE_IMAGE + (names[i] if names else "") for i in range(len(image_paths) - 1)]
+    return "".join(refs) + BARE_IMAGE
 
 
 def caption_prompt(query_image: str, references: Sequence[tuple[str, str]],

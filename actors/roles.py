@@ -176,8 +176,10 @@ class LearnerGroup:
         width = batch.old_logprobs_BT.shape[1]
         return self._gather_BT([a.compute_values.remote(s) for a, s in zip(self.actors, self._shards(batch))], width)
 
-    def train_step(self, batch: TrainBatch) -> TrainStats:
-        return mean_stats(ray.get([a.train_step.remote(s) for a, s in zip(self.actors, self._shards(batch))]))
+    def train_step(self, batch: TrainBatch, ptx: SFTBatch | None = None, ptx_coef: float = 0.0) -> TrainStats:
+        ptx_shards = self._shards(ptx) if ptx is not None else [None] * self.num
+        return mean_stats(ray.get([a.train_step.remote(s, p, ptx_coef)
+                                   for a, s, p in zip(self.actors, self._shards(batch), ptx_shards)]))
 
     def sft_step(self, batch: SFTBatch) -> TrainStats:
         return mean_stats(ray.get([a.sft_step.remote(s) for a, s in zip(self.actors, self._shards(batch))]))

@@ -42,8 +42,10 @@ from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
 from actors.roles import LearnerGroup, create_reward_actors, create_rollout_workers
 from actors.workers import WeightsRef
+from recipes.sft import make_sft_batch
 from repic_ray import checkpoints
 from repic_ray.config import dump_yaml, to_dict
+from repic_ray.data.formats import load_samples
 from repic_ray.evaluation.quality import repeated_ngram_rate, split_quality
 from repic_ray.models.loading import load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
@@ -112,6 +114,8 @@ class Run:
     seen_uids: set = field(default_factory=set)
     drift: DriftMonitor = field(default_factory=DriftMonitor)
     """Rollout length / repetition against the first steps (checkpointed)."""
+    ptx_sampler: PromptSampler | None = None
+    """SFT samples mixed into each update (`algo.ptx_coef` > 0; checkpointed)."""
 
 
 class PhaseTimer:
@@ -182,6 +186,24 @@ def sample_rollouts(run: Run) -> PendingRollout:
     return PendingRollout(items, requests, refs, run.version)
 
 
+def ptx_samples(cfg: ExperimentConfig, data: RunData) -> list:
+    """The SFT samples of `algo.ptx_tasks` that the ptx term trains on."""
+    if data.sft_path is None or not Path(data.sft_path).exists():
+        raise ValueError(f"algo.ptx_coef > 0 needs SFT data; {data.sft_path} does not exist")
+    samples = [s for s in load_samples(data.sft_path) if s.extra.get("task", "caption") in cfg.algo.ptx_tasks]
+    if not samples:
+        raise ValueError(f"{data.sft_path}: no SFT samples of tasks {cfg.algo.ptx_tasks} (algo.ptx_tasks)")
+    return samples
+
+
+def next_ptx_batch(run: Run, update: int):
+    """The SFT batch mixed into this update; its prompt suffixes are drawn from a seed of
+    the step, so a resumed run draws the same batches."""
+    rng = random.Random(f"ptx:{run.cfg.trainer.seed}:{run.step}:{update}")
+    items = [s for _, s in run.ptx_sampler.next(run.cfg.algo.ptx_batch_size)]
+    return make_sft_batch(items, run.processor, rng, set())
+
+
 def needs_logprob_pass(cfg: ExperimentConfig) -> bool:
     """Whether the experience phase runs a learner log-prob pass before the update: in sync
     mode with several updates per batch (PPO epochs) or the KL folded into the reward, which
@@ -244,7 +266,8 @@ def training_step(run: Run) -> dict[str, float]:
     # 5. learner update(s)
     with timer("train"):
         for update in range(cfg.algo.updates_per_batch):
-            stats = run.handles.learners.train_step(batch)
+            ptx = next_ptx_batch(run, update) if run.ptx_sampler is not None else None
+            stats = run.handles.learners.train_step(batch, ptx, cfg.algo.ptx_coef)
             if mismatch is None and update == 0:
                 mismatch = stats.logprob_mismatch
 
@@ -282,6 +305,8 @@ def training_step(run: Run) -> dict[str, float]:
         "rollout/samples": float(len(completions)),
         "rollout/tokens": float(tokens),
     }
+    if run.ptx_sampler is not None:
+        metrics["train/ptx_loss"] = stats.ptx_loss
     for name, values in scored.components.items():
         values = np.asarray(values, dtype=np.float64)
         metrics[f"reward/{name}_mean"] = float(values.mean())
@@ -378,6 +403,7 @@ def save_checkpoint(run: Run) -> Path:
         "sampler": run.sampler.state_dict(),
         "seen_uids": sorted(run.seen_uids),
         "drift": run.drift.state_dict(),
+        "ptx_sampler": run.ptx_sampler.state_dict() if run.ptx_sampler is not None else None,
         "python_rng": repr(random.getstate()),
         "config": to_dict(run.cfg),
     }
@@ -397,6 +423,8 @@ def restore_checkpoint(run: Run, path: Path) -> None:
     run.seen_uids = set(state["seen_uids"])
     if "drift" in state:
         run.drift.load_state_dict(state["drift"])
+    if run.ptx_sampler is not None and state.get("ptx_sampler"):
+        run.ptx_sampler.load_state_dict(state["ptx_sampler"])
     run.pending = None
     # Workers may serve a later version (the abandoned continuation's): publish the
     # restored version (at step 0, the base checkpoint); each worker loads it on its next call.
@@ -487,7 +515,9 @@ def start_run(cfg: ExperimentConfig) -> Run:
     run = Run(cfg, out, data, processor, PromptSampler(data.train, seed=cfg.trainer.seed), handles,
               MetricsWriter(out, tensorboard=cfg.trainer.tensorboard),
               drift=DriftMonitor(length_tolerance=cfg.trainer.drift_length_tolerance,
-                                 rep4_rise=cfg.trainer.drift_rep4_rise))
+                                 rep4_rise=cfg.trainer.drift_rep4_rise),
+              ptx_sampler=PromptSampler(ptx_samples(cfg, data), seed=cfg.trainer.seed)
+              if cfg.algo.ptx_coef > 0 else None)
     if cfg.trainer.resume and (path := resume_point(out)) is not None:
         restore_checkpoint(run, path)
     return run

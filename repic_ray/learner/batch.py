@@ -203,3 +203,6 @@ class TrainStats:
     """Token mean of |learner log-prob - `old_logprobs_BT` as sent| before the update, on
     the training forward (an eval forward for an on-policy batch when the policy has
     dropout); for rollout log-probs, the learner-vs-rollout mismatch. NaN for SFT."""
+    ptx_loss: float = float("nan")
+    """Cross-entropy of the SFT batch mixed into an RL step (`algo.ptx_coef`), before the
+    coefficient; NaN when none was."""

@@ -699,12 +699,16 @@ class LearnerEngine:
         return self._eval_pass(batch, values=True)
 
     # ---------------------------------------------------------------- updates
-    def train_step(self, batch: TrainBatch) -> TrainStats:
-        """One optimizer step of the RL objective over the whole batch (this rank's share)."""
+    def train_step(self, batch: TrainBatch, ptx: SFTBatch | None = None, ptx_coef: float = 0.0) -> TrainStats:
+        """One optimizer step of the RL objective over the whole batch (this rank's share),
+        plus `ptx_coef` x the SFT cross-entropy of `ptx` when given (PPO-ptx)."""
         lr = self.engine.get_lr()[0]
         sums = self.accumulate_rl_gradients(batch)
+        ptx_loss = float("nan")
+        if ptx is not None:
+            ptx_loss = self._stats(self.accumulate_sft_gradients(ptx, scale=ptx_coef), 0.0, lr).policy_loss
         grad_norm = self._optimizer_step()
-        return self._stats(sums, grad_norm, lr)
+        return dataclasses.replace(self._stats(sums, grad_norm, lr), ptx_loss=ptx_loss)
 
     def sft_step(self, batch: SFTBatch) -> TrainStats:
         """One optimizer step of token-mean cross-entropy on the target tokens; tokens
@@ -795,8 +799,9 @@ class LearnerEngine:
             sums["tok"] += n_tok
         return sums
 
-    def accumulate_sft_gradients(self, batch: SFTBatch) -> dict[str, float]:
-        """Forward + backward of the SFT loss over `batch` (no optimizer step)."""
+    def accumulate_sft_gradients(self, batch: SFTBatch, scale: float = 1.0) -> dict[str, float]:
+        """Forward + backward of `scale` x the SFT loss over `batch` (no optimizer step);
+        the sums returned are of the unscaled loss."""
         cfg = self.cfg
         normalizer = self._normalizer(batch, "token_mean")
         weights_BT = batch.token_weights_BT(cfg.loss.name_token_weight)
@@ -809,7 +814,7 @@ class LearnerEngine:
             nll_BT = -token_logprobs(logits_BTV, mi.targets_BT, mi.mask_BT)
             w_BT = weights_BT[idx, : nll_BT.shape[1]].to(self.device)
             loss = aggregate_loss(w_BT * nll_BT, mi.mask_BT, "token_mean", normalizer=normalizer)
-            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.backward(loss * scale if scale != 1.0 else loss, scale_wrt_gas=False)
             with torch.no_grad():
                 ent_BT = entropy_from_logits(logits_BTV.detach())
             sums["loss"] += float(loss.detach())

@@ -79,8 +79,19 @@ class AlgoConfig:
     """`sync`: generate with the newest weights (RePIC). `async`: one-step off-policy:
     generation of step t+1 overlaps the update of step t; the importance ratio uses the
     rollout-time log-probs and staleness is logged."""
+    ptx_coef: float = 0.0
+    """Supervised cross-entropy on the SFT data mixed into every RL update: loss = RL loss
+    + ptx_coef x token-mean cross-entropy of `ptx_batch_size` SFT samples, in the same
+    optimizer step (InstructGPT's PPO-ptx, OpenRLHF's `--ptx_coef`). It holds the warm
+    start's captions where the reward alone would pull the text away. 0 = off."""
+    ptx_batch_size: int = 16
+    """SFT samples per update when `ptx_coef` > 0 (split over the learner ranks)."""
+    ptx_tasks: list[str] = field(default_factory=lambda: ["caption"])
+    """Which SFT sample kinds (`task` in the world's sft.jsonl) the ptx term trains on."""
 
     def __post_init__(self) -> None:
+        if self.ptx_coef < 0 or self.ptx_batch_size < 1:
+            raise ValueError("algo: ptx_coef >= 0 and ptx_batch_size >= 1 required")
         if self.group_size < 1 or self.prompts_per_step < 1:
             raise ValueError("group_size and prompts_per_step must be >= 1")
         if self.estimator in ("grpo", "drgrpo", "rloo") and self.group_size < 2:

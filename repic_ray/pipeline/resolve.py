@@ -95,6 +95,11 @@ def check_rules(cfg: ExperimentConfig) -> None:
             f"cluster.num_learners ({cfg.cluster.num_learners})"
         )
     algo = cfg.algo
+    if algo.ptx_coef > 0 and algo.ptx_batch_size % cfg.cluster.num_learners:
+        raise ConfigError(
+            f"algo.ptx_batch_size ({algo.ptx_batch_size}) must split evenly over "
+            f"cluster.num_learners ({cfg.cluster.num_learners})"
+        )
     if algo.kl_in_reward and algo.estimator in GROUP_ESTIMATORS:
         raise ConfigError(
             f"algo.kl_in_reward has no effect with algo.estimator={algo.estimator!r} (its "

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 # Keys that must be identical between two runs of the same step (not wall-clock timings).
 DETERMINISTIC = ("reward/total_mean", "reward/total_std", "train/loss", "train/kl", "train/entropy",
-                 "response/length_mean", "reward/name/recall_mean", "reward/name/wrong_mean")
+                 "response/length_mean", "reward/name/recall_mean", "reward/name/wrong_mean",
+                 "train/ptx_loss")
 
 
 def tiny_cfg(tmp_path, **over) -> ExperimentConfig:
@@ -45,6 +46,9 @@ def tiny_cfg(tmp_path, **over) -> ExperimentConfig:
         # the LoRA path (the recipe syncs merged weights; the last test switches to them)
         "--cluster.weight_sync", "lora",
         "--rollout.enable_lora", "true",
+        # SFT captions mixed into each update (PPO-ptx): drawn, sharded and resumed like prompts
+        "--algo.ptx_coef", "0.1",
+        "--algo.ptx_batch_size", "4",
     ]
     for key, value in over.items():
         args += [f"--{key}", str(value)]
@@ -72,7 +76,7 @@ def test_step_metrics_and_versions(run):
     assert metrics["step"] == 1 and run.version == 1
     for key in ("reward/total_mean", "reward/name_mean", "train/kl", "train/clip_frac", "train/entropy",
                 "response/length_mean", "rollout/logprob_mismatch", "time/generate", "time/reward",
-                "time/train", "time/sync", "perf/tokens_per_s"):
+                "time/train", "time/sync", "perf/tokens_per_s", "train/ptx_loss"):
         assert key in metrics and math.isfinite(metrics[key]), key
     # the learner recomputed the rollout's log-probs on the same weights (fp32: ~1e-5)
     assert metrics["rollout/logprob_mismatch"] < 1e-3

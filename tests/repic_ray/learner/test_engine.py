@@ -368,3 +368,33 @@ def test_shared_prompt_forward_equals_one_forward_per_sequence(learner, images, 
     assert st_s.grad_norm > 0
     for name in w_s:
         torch.testing.assert_close(w_s[name], w_u[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ptx_term_joins_the_rl_step_and_reports_the_sft_cross_entropy(learner, images, tmp_path):
+    # PPO-ptx: one optimizer step on RL loss + coef x SFT cross-entropy. The reported
+    # ptx loss is the SFT batch's cross-entropy before the step; the step moves the
+    # weights toward the SFT targets more than the RL step alone does.
+    batch = _step_away_from_init(learner, images, steps=1)
+    sft = sft_batch(learner.processor, images)
+    mask_BT = sft.mask_BT
+    learner.save_checkpoint(tmp_path)
+
+    def ce() -> float:
+        return float(-(learner.compute_logprobs(sft) * mask_BT).sum() / mask_BT.sum())
+
+    def step(ptx, coef):
+        try:
+            before = ce()
+            batch.old_logprobs_BT = learner.compute_logprobs(batch)
+            stats = learner.train_step(batch, ptx, coef)
+            return before, stats, ce()
+        finally:
+            learner.load_checkpoint(tmp_path)
+
+    before, plain, after_plain = step(None, 0.0)
+    _, mixed, after_mixed = step(sft, 5.0)
+    assert plain.ptx_loss != plain.ptx_loss  # NaN: no ptx batch
+    assert mixed.ptx_loss == pytest.approx(before, rel=1e-5)
+    assert mixed.policy_loss == pytest.approx(plain.policy_loss, rel=1e-5)  # RL terms unchanged
+    assert mixed.grad_norm != pytest.approx(plain.grad_norm, rel=1e-3)
+    assert after_mixed < after_plain - 0.05

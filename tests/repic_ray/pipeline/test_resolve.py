@@ -100,6 +100,14 @@ def test_step_batch_must_split_over_learners():
         load("--cluster.num_learners", "3")
 
 
+def test_ptx_batch_must_split_over_learners_and_its_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"algo\.ptx_batch_size \(15\).*cluster\.num_learners \(2\)"):
+        load("--cluster.num_learners", "2", "--algo.ptx_coef", "0.1", "--algo.ptx_batch_size", "15")
+    assert load("--cluster.num_learners", "2", "--algo.ptx_batch_size", "15").algo.ptx_coef == 0
+    with pytest.raises(ValueError, match="ptx_coef >= 0"):
+        load("--algo.ptx_coef", "-1")
+
+
 def test_greedy_training_sampling_is_rejected():
     with pytest.raises(ConfigError, match=r"sampling\.temperature.*algo\.group_size"):
         load("--sampling.temperature", "0")

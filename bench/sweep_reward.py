@@ -66,6 +66,16 @@ SETTINGS: dict[str, list[str]] = {
                                     "--learner.loss.kl_beta", "0.05"],
     "cider0.05-pen-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05",
                              *STRONG_PENALTIES, "--sampling.greedy_member", "true"],
+    # the default plus SFT captions mixed into every update (PPO-ptx, `algo.ptx_coef`)
+    "cider0.05-pen-greedy-ptx0.1": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05",
+                                    *STRONG_PENALTIES, "--sampling.greedy_member", "true",
+                                    "--algo.ptx_coef", "0.1"],
+    "cider0.05-pen-greedy-ptx0.3": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05",
+                                    *STRONG_PENALTIES, "--sampling.greedy_member", "true",
+                                    "--algo.ptx_coef", "0.3"],
+    "cider0.05-pen-greedy-ptx0.5": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.05",
+                                    *STRONG_PENALTIES, "--sampling.greedy_member", "true",
+                                    "--algo.ptx_coef", "0.5"],
     # repeated word 3-grams, penalty 2 x their share
     "cider0.03-rep3-greedy": ["--reward.caption_weight", "1.0", "--reward.caption.cider_weight", "0.03",
                               "--reward.caption.max_words", "60", "--reward.caption.length_penalty", "1.0",

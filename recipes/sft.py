@@ -27,6 +27,7 @@ from repic_ray.pipeline.config import ExperimentConfig
 from repic_ray.pipeline.sampler import PromptSampler
 from repic_ray.ports import free_port
 from repic_ray.prompts import bare_text, build_prompt
+from repic_ray.threads import torch_threads
 
 log = logging.getLogger("repic.sft")
 
@@ -45,6 +46,14 @@ def name_token_ids(tokenizer: Any, names: list[str]) -> set[int]:
         for text in (name, " " + name):
             ids.update(tokenizer.encode(text, add_special_tokens=False))
     return ids
+
+
+def sft_samples(path: Path, tasks: list[str], setting: str = "sft.tasks") -> list[TrainSample]:
+    """The samples of an SFT file whose `task` is one of `tasks` (ValueError if none)."""
+    samples = [s for s in load_samples(path) if s.extra.get("task", "caption") in tasks]
+    if not samples:
+        raise ValueError(f"{path}: no SFT samples of tasks {tasks} ({setting})")
+    return samples
 
 
 def make_sft_batch(items: list[TrainSample], processor: Any, rng: random.Random, upweight: set[int],
@@ -70,19 +79,19 @@ def make_sft_batch(items: list[TrainSample], processor: Any, rng: random.Random,
 
 
 def run_sft(cfg: ExperimentConfig, data_sft: Path | None = None) -> Path:
-    """Train `sft.steps` steps; returns the written checkpoint directory."""
+    """Train `sft.steps` steps; returns the written checkpoint directory. The torch thread
+    count (`sft.num_threads`) is the caller's again afterwards."""
+    with torch_threads(cfg.sft.num_threads):
+        return _run_sft(cfg, data_sft)
+
+
+def _run_sft(cfg: ExperimentConfig, data_sft: Path | None) -> Path:
     from repic_ray.learner.engine import LearnerEngine
     from repic_ray.pipeline.episodes import load_run_data
 
-    if cfg.sft.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.sft.num_threads)
     data = load_run_data(cfg.data)
     path = data_sft or data.sft_path
-    samples = [s for s in load_samples(path) if s.extra.get("task", "caption") in cfg.sft.tasks]
-    if not samples:
-        raise ValueError(f"{path}: no SFT samples of tasks {cfg.sft.tasks}")
+    samples = sft_samples(path, cfg.sft.tasks)
     base = resolve_checkpoint(cfg.learner.model)
     out = Path(cfg.sft.output or Path(cfg.output_dir) / "sft")
     out.parent.mkdir(parents=True, exist_ok=True)

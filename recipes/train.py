@@ -42,10 +42,9 @@ from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
 from actors.roles import LearnerGroup, create_reward_actors, create_rollout_workers
 from actors.workers import WeightsRef
-from recipes.sft import make_sft_batch
+from recipes.sft import make_sft_batch, sft_samples
 from repic_ray import checkpoints
 from repic_ray.config import dump_yaml, to_dict
-from repic_ray.data.formats import load_samples
 from repic_ray.evaluation.quality import repeated_ngram_rate, split_quality
 from repic_ray.models.loading import load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
@@ -190,10 +189,7 @@ def ptx_samples(cfg: ExperimentConfig, data: RunData) -> list:
     """The SFT samples of `algo.ptx_tasks` that the ptx term trains on."""
     if data.sft_path is None or not Path(data.sft_path).exists():
         raise ValueError(f"algo.ptx_coef > 0 needs SFT data; {data.sft_path} does not exist")
-    samples = [s for s in load_samples(data.sft_path) if s.extra.get("task", "caption") in cfg.algo.ptx_tasks]
-    if not samples:
-        raise ValueError(f"{data.sft_path}: no SFT samples of tasks {cfg.algo.ptx_tasks} (algo.ptx_tasks)")
-    return samples
+    return sft_samples(data.sft_path, cfg.algo.ptx_tasks, "algo.ptx_tasks")
 
 
 def next_ptx_batch(run: Run, update: int):

@@ -814,7 +814,7 @@ class LearnerEngine:
             nll_BT = -token_logprobs(logits_BTV, mi.targets_BT, mi.mask_BT)
             w_BT = weights_BT[idx, : nll_BT.shape[1]].to(self.device)
             loss = aggregate_loss(w_BT * nll_BT, mi.mask_BT, "token_mean", normalizer=normalizer)
-            self.engine.backward(loss * scale if scale != 1.0 else loss, scale_wrt_gas=False)
+            self.engine.backward(loss * scale, scale_wrt_gas=False)
             with torch.no_grad():
                 ent_BT = entropy_from_logits(logits_BTV.detach())
             sums["loss"] += float(loss.detach())

@@ -88,6 +88,11 @@ class VLLMRolloutEngine:
         if llm is None:
             from vllm import LLM
 
+            from repic_ray.reaper import watch_children
+
+            # vLLM's engine core runs in child processes: they end with this one, even
+            # when it is killed outright (no orphaned engine holding memory and threads).
+            watch_children()
             pin_vllm_port()
             llm = LLM(**llm_kwargs(cfg))
         self.llm = llm

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,15 +63,31 @@ def uninterrupted(tmp_path_factory, train) -> list[dict]:
     return metrics(out)
 
 
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 1200) -> None:
-    """SIGKILL the run's whole process group (driver, Ray, actors) once `ready()`."""
+    """SIGKILL the run's process group (driver, Ray) once `ready()`; then every process the
+    run had started (Ray's workers in their own groups, vLLM's engine core under the rollout
+    worker) must end too."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    assert "VLLM::EngineCore" in {_name(p) for p in started}, {_name(p) for p in started}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(started, timeout=60)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        p.kill()
+    assert not alive, f"processes outlived the killed run: {[(p.pid, p.name()) for p in alive]}"
 
 
 @pytest.mark.slow

@@ -107,6 +107,30 @@ def find_names(
     return found
 
 
+def count_mentions(
+    caption: str, names: Iterable[str], *, mode: str = "default", case_sensitive: bool = False
+) -> dict[str, int]:
+    """How often each of `names` occurs in `caption` (0 when absent), matched as `find_names`
+    matches: whole-word phrases ("default") or RePIC's whitespace tokens ("compat")."""
+    if mode not in MODES:
+        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
+    counts: dict[str, int] = {}
+    if mode == "compat":
+        text = caption.replace("</s>", "")
+        text = text if case_sensitive else text.lower()
+        tokens = [w.strip(COMPAT_PUNCT_STRIP) for w in text.split()]
+    for name in names:
+        if name in counts:
+            continue
+        if mode == "compat":
+            cand = name if case_sensitive else name.lower()
+            counts[name] = sum(t == cand or t == strip_brackets(cand) for t in tokens)
+        else:
+            pattern = _name_pattern(name, case_sensitive)
+            counts[name] = len(pattern.findall(caption)) if pattern is not None else 0
+    return counts
+
+
 def split_found(
     found: Iterable[str], gt_names: Sequence[str], case_sensitive: bool = False
 ) -> tuple[set[str], set[str]]:

@@ -16,6 +16,13 @@ Two forms (`NameRewardConfig.mode`):
   below that is reward-hacked by naming every reference (measured: recall − 0.5·wrong
   raised wrong names per caption from 0.73 to 1.20).
 
+`repeat_penalty` (μ, default 0) also subtracts μ·|repeats| / |concept_names|, where a
+repeat is a mention of a reference name beyond its first. A caption names each
+concept once (every reference caption of the synthetic world does); without this
+term a caption that names a second object with a name it already used correctly
+("Kadki the orange car ... Kadki the blue shoe") loses nothing, while guessing the
+second object's name risks the wrong-name penalty, so RL learns to repeat names.
+
 Samples whose image has no concepts: recall is undefined; the reward is then
 −λ·|wrong| ("recall_minus_wrong") or 1 if nothing is named else 0 ("f1").
 """
@@ -27,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repic_ray.matching import MODES, find_names, name_key, split_found
+from repic_ray.matching import MODES, count_mentions, find_names, name_key, split_found
 from repic_ray.rewards.base import CAPTION_TASKS, RewardInput, RewardOutput, caption_mask_B
 
 NAME_REWARD_MODES = ("f1", "recall_minus_wrong")
@@ -41,6 +48,8 @@ class NameRewardConfig:
     """"f1" (harmonic mean of name precision and recall) or "recall_minus_wrong"."""
     wrong_penalty: float = 1.0
     """λ in recall − λ·wrong/|concepts|; keep >= 1 so naming every reference does not pay."""
+    repeat_penalty: float = 0.0
+    """μ in − μ·repeats/|concepts|: a repeat is a mention of a reference name beyond its first."""
     match_mode: str = "default"
     """Name matcher mode: "default" (whole-word phrases) or "compat" (RePIC's token match)."""
     case_sensitive: bool = False
@@ -51,6 +60,8 @@ class NameRewardConfig:
             raise ValueError(f"mode: must be one of {NAME_REWARD_MODES}, got {self.mode!r}")
         if self.wrong_penalty < 0:
             raise ValueError(f"wrong_penalty: must be >= 0, got {self.wrong_penalty}")
+        if self.repeat_penalty < 0:
+            raise ValueError(f"repeat_penalty: must be >= 0, got {self.repeat_penalty}")
         if self.match_mode not in MODES:
             raise ValueError(f"match_mode: must be one of {MODES}, got {self.match_mode!r}")
 
@@ -71,11 +82,28 @@ def name_scores(
     return len(correct), len(wrong), n_gt
 
 
+def name_repeats(
+    caption: str,
+    names: Sequence[str],
+    match_mode: str = "default",
+    case_sensitive: bool = False,
+) -> int:
+    """Mentions of `names` beyond the first of each (names compared by `name_key`)."""
+    by_key: dict[str, int] = {}
+    counts = count_mentions(caption, list(dict.fromkeys(names)), mode=match_mode,
+                            case_sensitive=case_sensitive)
+    for name, n in counts.items():
+        key = name_key(name, case_sensitive)
+        by_key[key] = max(by_key.get(key, 0), n)
+    return sum(max(0, n - 1) for n in by_key.values())
+
+
 class NameReward:
     """Per-caption name precision/recall reward; 0 for non-caption tasks.
 
     Components: "name" (the reward), "name/precision", "name/recall", "name/wrong"
-    (count of wrongly named references).
+    (count of wrongly named references), "name/repeats" (mentions of a reference name
+    beyond its first).
     """
 
     def __init__(
@@ -87,7 +115,7 @@ class NameReward:
     def __call__(self, batch: Sequence[RewardInput]) -> RewardOutput:
         cfg = self.cfg
         B = len(batch)
-        reward_B, prec_B, rec_B, wrong_B = (np.zeros(B) for _ in range(4))
+        reward_B, prec_B, rec_B, wrong_B, rep_B = (np.zeros(B) for _ in range(5))
         mask_B = caption_mask_B(batch, self.caption_tasks)
         for i, x in enumerate(batch):
             if not mask_B[i]:
@@ -106,7 +134,13 @@ class NameReward:
                     reward = 2 * precision * recall / s if s > 0 else 0.0
             else:
                 reward = recall - cfg.wrong_penalty * wrong / max(1, n_gt)
+            repeats = name_repeats(
+                x.completion, [*x.concept_names, *x.candidate_names], cfg.match_mode,
+                cfg.case_sensitive,
+            )
+            reward -= cfg.repeat_penalty * repeats / max(1, n_gt)
             reward_B[i], prec_B[i], rec_B[i], wrong_B[i] = reward, precision, recall, wrong
+            rep_B[i] = repeats
         return RewardOutput(
             reward_B,
             {
@@ -114,5 +148,6 @@ class NameReward:
                 "name/precision": prec_B,
                 "name/recall": rec_B,
                 "name/wrong": wrong_B,
+                "name/repeats": rep_B,
             },
         )

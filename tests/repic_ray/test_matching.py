@@ -59,3 +59,13 @@ def test_bad_mode_and_caption_type():
         find_names("x", ["a"], mode="fuzzy")
     with pytest.raises(TypeError, match="caption"):
         find_names(None, ["a"])
+
+
+def test_count_mentions_counts_every_occurrence_as_find_names_matches():
+    from repic_ray.matching import count_mentions
+
+    cap = "Bo's ball. <Bo> and bo sleep; Bobby and Baby Q play, baby_q too."
+    assert count_mentions(cap, ["Bo", "Baby Q", "Anya"]) == {"Bo": 3, "Baby Q": 2, "Anya": 0}
+    assert count_mentions(cap, ["Bo"], case_sensitive=True) == {"Bo": 2}
+    # compat: whitespace tokens, so "Bo's" is not Bo
+    assert count_mentions(cap, ["<Bo>"], mode="compat") == {"<Bo>": 2}

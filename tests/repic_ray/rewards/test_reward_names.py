@@ -48,6 +48,27 @@ def test_recall_minus_wrong_naming_everyone_does_not_pay():
     np.testing.assert_allclose(out.rewards_B, [0.0])
 
 
+def test_repeat_penalty_charges_a_name_used_for_two_objects():
+    cfg = NameRewardConfig(mode="recall_minus_wrong", wrong_penalty=2.0, repeat_penalty=2.0)
+    batch = [
+        # Both concepts named once: 1.
+        _x("Bo the red car. Anya the blue mug.", ["<Bo>", "<Anya>"]),
+        # Bo named for both objects: recall 1/2, one repeat -> 0.5 - 2 * 1 / 2 = -0.5.
+        _x("Bo the red car. Bo the blue mug.", ["<Bo>", "<Anya>"]),
+        # Three mentions of Bo and one of Q (wrong): 0.5 - 2 * 1 / 2 - 2 * 2 / 2 = -2.5.
+        _x("Bo, bo and <Bo>. Q.", ["<Bo>", "<Anya>"]),
+        # The second object left unnamed: 0.5, better than repeating.
+        _x("Bo the red car. A blue mug.", ["<Bo>", "<Anya>"]),
+    ]
+    out = NameReward(cfg)(batch)
+    np.testing.assert_allclose(out.rewards_B, [1.0, -0.5, -2.5, 0.5])
+    np.testing.assert_allclose(out.components["name/repeats"], [0, 1, 2, 0])
+    # Off by default: the repeat costs nothing and the recall alone is paid.
+    out = NameReward(NameRewardConfig(mode="recall_minus_wrong"))(batch[1:2])
+    np.testing.assert_allclose(out.rewards_B, [0.5])
+    np.testing.assert_allclose(out.components["name/repeats"], [1])
+
+
 def test_compat_match_mode_misses_possessive():
     cfg = NameRewardConfig(match_mode="compat")
     out = NameReward(cfg)([_x("Bo's ball.", ["<Bo>"])])
@@ -57,6 +78,8 @@ def test_compat_match_mode_misses_possessive():
 def test_config_validation():
     with pytest.raises(ValueError, match="mode"):
         NameRewardConfig(mode="precision")
+    with pytest.raises(ValueError, match="repeat_penalty"):
+        NameRewardConfig(repeat_penalty=-1.0)
     with pytest.raises(ValueError, match="wrong_penalty"):
         NameRewardConfig(wrong_penalty=-1)
 

@@ -130,6 +130,15 @@ class ConceptOut(BaseModel):
     image_urls: list[str]
 
 
+class ConceptUpdate(BaseModel):
+    """Fields of a concept to change; those left out keep their value."""
+
+    name: str | None = None
+    """New name (the reference images stay; captions use the new name)."""
+    category: str | None = None
+    info: str | None = None
+
+
 class MatchOut(BaseModel):
     name: str
     category: str
@@ -440,6 +449,24 @@ def build_app(store: ConceptStore, backend: Backend, config: ApiConfig | None = 
         data = store.images.get(concept.image_sha256[index])
         return Response(content=data, media_type=_media_type(data),
                         headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.patch("/v1/concepts/{name}", response_model=ConceptOut,
+               responses=_errors(401, 404, 409, 422))
+    def update_concept(name: str, update: ConceptUpdate, user: Caller) -> ConceptOut:
+        if update.name is not None:
+            check_name(update.name, limits)
+        if update.category is not None:
+            check_text("category", update.category, limits.max_category_chars)
+        if update.info is not None:
+            check_text("info", update.info, limits.max_info_chars)
+        try:
+            concept = store.update_concept(user.id, name, new_name=update.name,
+                                           category=update.category, info=update.info)
+        except StoreError as exc:
+            raise HTTPException(409, str(exc)) from None
+        if concept is None:
+            raise HTTPException(404, f"no concept named {name!r}")
+        return _concept_out(concept)
 
     @app.delete("/v1/concepts/{name}", status_code=204, responses=_errors(401, 404))
     def delete_concept(name: str, user: Caller) -> Response:

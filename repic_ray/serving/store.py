@@ -471,6 +471,37 @@ class ConceptStore:
             return None
         return self.images.get(concept.image_sha256[index])
 
+    def update_concept(
+        self, user_id: int, name: str, *, new_name: str | None = None,
+        category: str | None = None, info: str | None = None,
+    ) -> Concept | None:
+        """Rename the user's concept and/or change its category or info; its reference
+        images stay. None when the user has no concept `name`; StoreError when `new_name`
+        is taken by another of the user's concepts."""
+        values: dict[str, str] = {}
+        if new_name is not None and new_name != name:
+            values["name"] = new_name
+        if category is not None:
+            values["category"] = category
+        if info is not None:
+            values["info"] = info
+        try:
+            with self._writer.begin() as conn:
+                row = conn.execute(sa.select(_concepts.c.id).where(
+                    _concepts.c.user_id == user_id, _concepts.c.name == name)
+                    .with_for_update()).first()
+                if row is None:
+                    return None
+                if "name" in values and conn.execute(sa.select(_concepts.c.id).where(
+                        _concepts.c.user_id == user_id, _concepts.c.name == new_name)).first():
+                    raise StoreError(f"concept {new_name!r} already exists")
+                if values:
+                    conn.execute(_concepts.update().where(_concepts.c.id == row.id)
+                                 .values(**values))
+        except sa.exc.IntegrityError:
+            raise StoreError(f"concept {new_name!r} already exists") from None
+        return self.get_concept(user_id, values.get("name", name))
+
     def delete_concept(self, user_id: int, name: str) -> bool:
         """Delete the user's concept; image files no other concept uses go too."""
         with self._writer.begin() as conn:

@@ -98,6 +98,34 @@ def test_concept_crud(env):
     assert client.delete("/v1/concepts/Bo", headers=alice).status_code == 404
 
 
+def test_concept_rename_keeps_the_images(env):
+    client, keys, _ = env
+    alice, bob = keys["alice"], keys["bob"]
+    assert add(client, alice, "Bo", n=2).status_code == 201
+    assert add(client, alice, "Mia", colour="blue").status_code == 201
+    res = client.patch("/v1/concepts/Bo", json={"name": "Biscuit"}, headers=alice)
+    assert res.status_code == 200, res.text
+    assert (res.json()["name"], res.json()["num_images"], res.json()["category"]) == (
+        "Biscuit", 2, "dog")
+    assert client.get("/v1/concepts/Bo", headers=alice).status_code == 404
+    assert client.get("/v1/concepts/Biscuit/images/1", headers=alice).content == png("red")
+    # Category / info alone; the name stays.
+    res = client.patch("/v1/concepts/Biscuit", json={"category": "corgi"}, headers=alice)
+    assert (res.json()["name"], res.json()["category"], res.json()["info"]) == (
+        "Biscuit", "corgi", "Bo info")
+    # Taken name, missing concept, bad name, another user's concept: clear errors, no change.
+    assert client.patch("/v1/concepts/Biscuit", json={"name": "Mia"},
+                        headers=alice).status_code == 409
+    assert client.patch("/v1/concepts/Nobody", json={"name": "X"},
+                        headers=alice).status_code == 404
+    assert client.patch("/v1/concepts/Biscuit", json={"name": "9 bad"},
+                        headers=alice).status_code == 422
+    assert client.patch("/v1/concepts/Biscuit", json={"name": "Stolen"},
+                        headers=bob).status_code == 404
+    assert sorted(c["name"] for c in client.get("/v1/concepts", headers=alice).json()) == [
+        "Biscuit", "Mia"]
+
+
 def test_users_cannot_reach_each_others_concepts(env):
     client, keys, _ = env
     alice, bob = keys["alice"], keys["bob"]

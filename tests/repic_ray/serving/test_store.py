@@ -51,6 +51,21 @@ def test_keys_are_stored_hashed_and_authenticate(config):
         store.create_api_key("bob")
 
 
+def test_update_concept_renames_and_keeps_images(config):
+    store = ConceptStore(config)
+    alice = store.create_user("alice")
+    store.add_concept(alice.id, "Bo", "dog", "a corgi", [b"img-1", b"img-2"])
+    store.add_concept(alice.id, "Mia", "mug", "", [b"img-3"])
+    renamed = store.update_concept(alice.id, "Bo", new_name="Biscuit", info="the corgi")
+    assert (renamed.name, renamed.category, renamed.info) == ("Biscuit", "dog", "the corgi")
+    assert store.get_concept(alice.id, "Bo") is None
+    assert store.concept_image(alice.id, "Biscuit", 1) == b"img-2"
+    with pytest.raises(StoreError, match="already exists"):
+        store.update_concept(alice.id, "Biscuit", new_name="Mia")
+    assert store.update_concept(alice.id, "Nobody", new_name="X") is None
+    assert sorted(c.name for c in store.list_concepts(alice.id)) == ["Biscuit", "Mia"]
+
+
 def test_concepts_are_isolated_per_user(config):
     store = ConceptStore(config)
     alice, bob = store.create_user("alice"), store.create_user("bob")

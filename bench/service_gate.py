@@ -1,0 +1,164 @@
+"""The served captioner personalizes: concepts it never saw, registered over the HTTP API
+under names it never saw, named in captions of new photos.
+
+    python bench/service_gate.py --checkpoint checkpoints/tiny-open \
+        --out bench/results/gate_service_tiny_open.json
+
+starts `repic serve` on the checkpoint (a fresh HOME, a free loopback port), draws a
+synthetic world with a seed no training used (12 concepts of held-out attribute
+combinations), registers each concept's reference image under a held-out name the world
+did not use, then for 20 photos (10 with one concept, 10 with two):
+
+- explicit mode: the photo's references (present and absent ones, as in RePIC) named in
+  `concepts=`; RePIC's name precision / recall over the ground-truth slots;
+- retrieval mode: `top_k` = the number of concepts present; the share of present concepts
+  the retriever chose;
+- renaming: one concept renamed (`PATCH /v1/concepts/{name}`, same images) and its photo
+  captioned again: the new name should replace the old one.
+
+`tests/deploy/test_serve_newcomer.py` runs `personalization` against the README's
+`repic serve` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+# A world drawn with a seed no training used: held-out attribute combinations, registered
+# under held-out names other than the world's own.
+WORLD_SEED = 20261128
+
+
+def unseen_world(out: Path) -> tuple[dict[str, str], list[dict], str]:
+    """(world concept name -> the user's fresh name, 20 evaluation samples with 1-2
+    concepts, one more fresh name). Reference files are named by the world's concept
+    names; the user registers each under a held-out name the world did not use."""
+    from repic_ray.data.names import name_split
+    from repic_ray.data.synthetic import generate_world
+
+    generate_world(out, seed=WORLD_SEED, names="open", num_concepts=12, num_train=0,
+                   num_sft=0, num_sft_aux=0, num_eval_per_k=10)
+    world_names = sorted(p.stem for p in (out / "concepts").glob("*.png"))
+    used = set(world_names)
+    for k in (1, 2):
+        for x in json.loads((out / "eval" / f"concepts_{k}.json").read_text()):
+            used.update(x["ref_names"])
+    fresh = random.Random(WORLD_SEED).sample([n for n in name_split()[1] if n not in used],
+                                             len(world_names) + 1)
+    samples = [x for k in (1, 2)
+               for x in json.loads((out / "eval" / f"concepts_{k}.json").read_text())]
+    return dict(zip(world_names, fresh)), samples, fresh[-1]
+
+
+def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
+    """Register the unseen world's concepts over HTTP under fresh names, caption its 20
+    photos naming each photo's references (present and absent, as in RePIC), and score the
+    names with RePIC's metric; then rename one concept and caption its photo again."""
+    from repic_ray.evaluation.metric import NameMetrics, slot_outcomes
+    from repic_ray.matching import find_names
+
+    user_names, samples, new_name = unseen_world(world)
+    for world_name, name in user_names.items():
+        data = (world / "concepts" / f"{world_name}.png").read_bytes()
+        res = httpx.post(f"{base}/v1/concepts", headers=key, data={"name": name},
+                         files=[("images", (f"{name}.png", data, "image/png"))], timeout=60)
+        assert res.status_code == 201, res.text
+    explicit, chosen, slots = NameMetrics(), 0, 0
+    captions = []
+    for x in samples:
+        query = (world / "eval" / x["image"][-1]).resolve().read_bytes()
+        refs = [user_names[Path(p).stem] for p in x["image"][:-1]]
+        present = [user_names[Path(p).stem] for p, n in zip(x["image"][:-1], x["ref_names"])
+                   if n in x["concepts"]]
+        res = httpx.post(f"{base}/v1/captions", headers=key, data={"concepts": ",".join(refs)},
+                         files={"image": ("q.png", query, "image/png")}, timeout=300)
+        assert res.status_code == 200, res.text
+        caption = res.json()["caption"]
+        captions.append((present, caption))
+        found = find_names(caption, list(user_names.values()))
+        explicit.add(slot_outcomes(found, present, user_names.values(), case_sensitive=False))
+        res = httpx.post(f"{base}/v1/captions", headers=key, data={"top_k": str(len(present))},
+                         files={"image": ("q.png", query, "image/png")}, timeout=300)
+        assert res.status_code == 200, res.text
+        chosen += len({m["name"] for m in res.json()["concepts"]} & set(present))
+        slots += len(present)
+    # Renamed (same images, new name): the caption follows the new name.
+    x = samples[0]
+    old = user_names[Path(x["image"][x["ref_names"].index(x["concepts"][0])]).stem]
+    res = httpx.patch(f"{base}/v1/concepts/{old}", headers=key, json={"name": new_name},
+                      timeout=60)
+    assert res.status_code == 200, res.text
+    refs = [new_name if n == old else n for n in (user_names[Path(p).stem]
+                                                  for p in x["image"][:-1])]
+    query = (world / "eval" / x["image"][-1]).resolve().read_bytes()
+    res = httpx.post(f"{base}/v1/captions", headers=key, data={"concepts": ",".join(refs)},
+                     files={"image": ("q.png", query, "image/png")}, timeout=300)
+    renamed = res.json()["caption"]
+    captions = [{"present": p, "caption": c} for p, c in captions]
+    return {"recall": explicit.recall, "precision": explicit.precision,
+            "retrieval": chosen / slots, "renamed": renamed, "old": old, "new": new_name,
+            "before": captions[0]["caption"], "captions": captions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="checkpoints/tiny-open")
+    p.add_argument("--out", default=None, help="result JSON")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from repic_ray.ports import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+               "HOME": str(home)}
+        repic = [sys.executable, "-m", "recipes.cli"]
+        add = subprocess.run([*repic, "serve", "add-user", "alice", "--admin"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=120, check=True)
+        key = {"X-API-Key": add.stdout.strip()}
+        port = free_port()
+        log = (home / "serve.log").open("w")
+        proc = subprocess.Popen([*repic, "serve", "--checkpoint", args.checkpoint,
+                                 "--port", str(port)], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 600
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    print((home / "serve.log").read_text()[-3000:], file=sys.stderr)
+                    return 1
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=10).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(2)
+            start = time.monotonic()
+            got = personalization(base, key, home / "world")
+            got["seconds"] = round(time.monotonic() - start, 1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    got.update(checkpoint=args.checkpoint, world_seed=WORLD_SEED,
+               command=" ".join(["python", "bench/service_gate.py", *(argv or sys.argv[1:])]))
+    print(json.dumps({k: v for k, v in got.items() if k != "captions"}, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(got, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ model, data and machine, prints a markdown table and writes JSON (`--out`). The 
 the shipped SFT checkpoint when it exists (completions of realistic length: it stops at
 end-of-sequence), else the tiny random Qwen2.5-VL (`tiny:qwen2.5-vl`, always runs to
 `max_tokens`). Prompts are RePIC multi-image prompts (reference images with their names,
-then the query) from the synthetic concept world of `configs/tiny_cpu.yaml`.
+then the query) from the synthetic concept world of `configs/tiny_fixed.yaml`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-RECIPE = "configs/tiny_cpu.yaml"
+RECIPE = "configs/tiny_fixed.yaml"
 SFT_CHECKPOINT = "checkpoints/tiny-sft"
 ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",

@@ -3,7 +3,7 @@
     python bench/sweep_reward.py [--settings names,cap0.1,cap0.3] [--steps 60] [--seed 0]
                                  [--out bench/results/sweep_reward.json]
 
-Runs `repic train --config configs/tiny_cpu.yaml` once per weight setting (one after the
+Runs `repic train --config configs/tiny_fixed.yaml` once per weight setting (one after the
 other, each in its own process, output under runs/sweep_reward/SETTING-sSEED), reads its
 evals.json and records, before (the SFT checkpoint) and after RL: >=3-concept precision /
 recall / F1, 1-concept F1, pooled and 1-concept CIDEr-D, pooled repeated-4-gram rate,
@@ -112,7 +112,7 @@ def summarize(evals: dict) -> dict:
 def run_setting(name: str, seed: int, steps: int, root: Path) -> dict:
     out = root / f"{name}-s{seed}"
     cmd = [
-        sys.executable, "-m", "recipes.cli", "train", "--config", "configs/tiny_cpu.yaml",
+        sys.executable, "-m", "recipes.cli", "train", "--config", "configs/tiny_fixed.yaml",
         "--trainer.output_dir", str(out), "--trainer.steps", str(steps),
         "--trainer.seed", str(seed), "--sampling.seed", str(seed),
         "--trainer.progress_bar", "false", *SETTINGS[name],

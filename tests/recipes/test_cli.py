@@ -76,6 +76,13 @@ def test_main_job_runs_end_to_end_shortened(tmp_path, repic):
     # report: names beside quality, per-split quality, sample captions of the same images
     evals = json.loads((out / "evals.json").read_text())
     assert list(evals) == ["before", "step_1", "after"]
+    # the demo personalizes in context: it is scored on names no training prompt used
+    from repic_ray.data.names import name_split
+
+    held_out = set(name_split()[1])
+    gt = [n for k in range(1, 6) for row in json.loads(
+        (out / "eval" / "after" / f"captions_k{k}.json").read_text()) for n in row[1]]
+    assert gt and set(gt) <= held_out
     pooled = evals["after"]["quality"]["pooled"]
     assert set(pooled) == {"cider_d", "bleu4", "meteor", "rouge_l", "rep4", "distinct2", "mean_words", "at_cap"}
     assert pooled["mean_words"] > 5 and 0 <= pooled["cider_d"] <= 10

@@ -129,7 +129,7 @@ def test_config_show_prints_the_resolved_yaml(capsys):
                        "--trainer.seed", "5"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["sampling"]["n"] == 4 and shown["learner"]["seed"] == 5 and shown["rollout"]["seed"] == 5
-    assert shown["rollout"]["model"] == shown["learner"]["model"] == "checkpoints/tiny-sft"
+    assert shown["rollout"]["model"] == shown["learner"]["model"] == "checkpoints/tiny-open"
     assert repic_main(["config", "show", "--config", str(TINY), "--sampling.n", "3"]) == 2
     assert "sampling.n (3) is derived from algo.group_size (8)" in capsys.readouterr().err
 

@@ -70,9 +70,13 @@ def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
     from repic_ray.matching import find_names
 
     user_names, samples, new_name = unseen_world(world)
+    category = {c["name"]: c["category"] for c in json.loads(
+        (world / "concepts" / "database.json").read_text())["concept_dict"].values()}
     for world_name, name in user_names.items():
         data = (world / "concepts" / f"{world_name}.png").read_bytes()
-        res = httpx.post(f"{base}/v1/concepts", headers=key, data={"name": name},
+        # The user says what each concept is ("dog"): the detector's prompt in retrieval mode.
+        res = httpx.post(f"{base}/v1/concepts", headers=key,
+                         data={"name": name, "category": category[world_name]},
                          files=[("images", (f"{name}.png", data, "image/png"))], timeout=60)
         assert res.status_code == 201, res.text
     explicit, chosen, slots = NameMetrics(), 0, 0

@@ -8,6 +8,7 @@ instead of serving a green health check."""
 from __future__ import annotations
 
 import io
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from bench.service_gate import personalization
+from bench.service_gate import personalization, unseen_world
 from repic_ray.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +56,49 @@ def alive(procs: list[psutil.Process]) -> list[str]:
         except psutil.NoSuchProcess:
             pass
     return left
+
+
+def browser_personalizes(base: str, admin: dict, world: Path) -> None:
+    """The same through the web page: a new user registers a photo's references (present and
+    absent) under names the model never saw and captions the photo naming them."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        subprocess.run(["bash", str(REPO / ".ci/setup-chromium.sh")], check=False)
+        chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium cannot be installed here")
+    from playwright.sync_api import sync_playwright
+
+    res = httpx.post(f"{base}/v1/admin/users", json={"name": "erin"}, headers=admin, timeout=60)
+    assert res.status_code == 201, res.text
+    user_names, samples, _ = unseen_world(world)
+    x = samples[1]  # one concept present, 1-2 absent references
+    refs = [(world / "eval" / p).resolve() for p in x["image"][:-1]]
+    present = user_names[refs[x["ref_names"].index(x["concepts"][0])].stem]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(base + "/")
+        page.fill("#api-key", res.json()["api_key"])
+        page.click("#save-key")
+        page.wait_for_selector("#whoami:has-text('erin')")
+        for ref in refs:
+            name = user_names[ref.stem]
+            page.fill("#concept-name", name)
+            page.set_input_files("#concept-images", str(ref))
+            page.click("#register")
+            page.wait_for_selector(f"#concept-list li[data-name='{name}']")
+        page.set_input_files("#caption-image", str((world / "eval" / x["image"][-1]).resolve()))
+        page.fill("#caption-concepts", ",".join(user_names[r.stem] for r in refs))
+        page.click("#caption-btn")
+        page.wait_for_selector("#status:has-text('done')", timeout=120_000)
+        assert page.text_content("#error") == ""
+        caption = page.text_content("#caption-text")
+        browser.close()
+    absent = {user_names[r.stem] for r in refs} - {present}
+    assert present in caption and not any(n in caption for n in absent), caption
 
 
 @pytest.mark.slow
@@ -96,6 +140,7 @@ def test_readme_serve_commands_on_a_fresh_machine(tmp_path):
         assert got["recall"] >= 0.7 and got["precision"] >= 0.85, got
         assert got["new"] in got["renamed"] and got["old"] not in got["renamed"], got
         assert got["old"] in got["before"], got
+        browser_personalizes(base, key, tmp_path / "world2")
         tree = service_tree(proc.pid)
         names = " ".join(" ".join(p.cmdline()) for p in tree)
         assert "raylet" in names and "gcs_server" in names  # the tree is the whole cluster

@@ -1,4 +1,4 @@
-"""`repic train` killed with SIGKILL (mid-run, and mid-save) and continued with
+"""`repic train` killed with SIGKILL while it saves a checkpoint and continued with
 `repic train --resume` in a new process ends with the metrics of an uninterrupted run:
 rollout rewards (before the update) and the learner's loss, KL and grad norm (after it)."""
 
@@ -70,6 +70,13 @@ def _name(p: psutil.Process) -> str:
         return ""
 
 
+def _live(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 1200) -> None:
     """SIGKILL the run's process group (driver, Ray) once `ready()`; then every process the
     run had started (Ray's workers in their own groups, vLLM's engine core under the rollout
@@ -84,10 +91,10 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 1200) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     _, alive = psutil.wait_procs(started, timeout=60)
-    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for p in alive:
+    alive = [(p, _name(p)) for p in alive if _live(p)]
+    for p, _ in alive:
         p.kill()
-    assert not alive, f"processes outlived the killed run: {[(p.pid, p.name()) for p in alive]}"
+    assert not alive, f"processes outlived the killed run: {alive}"
 
 
 @pytest.mark.slow
@@ -98,12 +105,7 @@ def test_killed_train_resumes_to_the_same_metrics(tmp_path, train, uninterrupted
     proc = train(out)
     kill_when(proc, lambda: (ckpts / "step_000001" / "manifest.json").exists()
               and any(ckpts.glob("step_*.tmp")))
-    # 2. Resumed in a new process (the leftover is removed), then killed mid-run: step 2
-    #    sealed again, step 3 under way.
-    proc = train(out, "--resume")
-    kill_when(proc, lambda: (ckpts / "step_000002" / "manifest.json").exists()
-              and not any(ckpts.glob("step_*.tmp")))
-    # 3. Resumed again, to the end.
+    # 2. Resumed in a new process (the leftover is removed), to the end.
     resumed = train(out, "--resume")
     assert resumed.wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-3000:]
     assert not list(ckpts.glob("*.tmp"))

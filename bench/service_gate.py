@@ -51,15 +51,29 @@ def unseen_world(out: Path) -> tuple[dict[str, str], list[dict], str]:
     generate_world(out, seed=WORLD_SEED, names="open", num_concepts=12, num_train=0,
                    num_sft=0, num_sft_aux=0, num_eval_per_k=10)
     world_names = sorted(p.stem for p in (out / "concepts").glob("*.png"))
-    used = set(world_names)
-    for k in (1, 2):
-        for x in json.loads((out / "eval" / f"concepts_{k}.json").read_text()):
-            used.update(x["ref_names"])
-    fresh = random.Random(WORLD_SEED).sample([n for n in name_split()[1] if n not in used],
-                                             len(world_names) + 1)
     samples = [x for k in (1, 2)
                for x in json.loads((out / "eval" / f"concepts_{k}.json").read_text())]
+    used = set(world_names).union(*(x["ref_names"] for x in samples))
+    fresh = random.Random(WORLD_SEED).sample([n for n in name_split()[1] if n not in used],
+                                             len(world_names) + 1)
     return dict(zip(world_names, fresh)), samples, fresh[-1]
+
+
+def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    """Until `repic serve` at `base` answers `/readyz`; RuntimeError with the end of its log
+    when it exits first or is not ready in `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            why = f"exited with {proc.returncode}" if proc.poll() is not None else (
+                f"not ready in {timeout:.0f} s")
+            raise RuntimeError(f"repic serve {why}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
 
 
 def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
@@ -90,7 +104,7 @@ def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
                          files={"image": ("q.png", query, "image/png")}, timeout=300)
         assert res.status_code == 200, res.text
         caption = res.json()["caption"]
-        captions.append((present, caption))
+        captions.append({"present": present, "caption": caption})
         found = find_names(caption, list(user_names.values()))
         explicit.add(slot_outcomes(found, present, user_names.values(), case_sensitive=False))
         res = httpx.post(f"{base}/v1/captions", headers=key, data={"top_k": str(len(present))},
@@ -109,8 +123,8 @@ def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
     query = (world / "eval" / x["image"][-1]).resolve().read_bytes()
     res = httpx.post(f"{base}/v1/captions", headers=key, data={"concepts": ",".join(refs)},
                      files={"image": ("q.png", query, "image/png")}, timeout=300)
+    assert res.status_code == 200, res.text
     renamed = res.json()["caption"]
-    captions = [{"present": p, "caption": c} for p, c in captions]
     return {"recall": explicit.recall, "precision": explicit.precision,
             "retrieval": chosen / slots, "renamed": renamed, "old": old, "new": new_name,
             "before": captions[0]["caption"], "captions": captions}
@@ -139,17 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                                 stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 600
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    print((home / "serve.log").read_text()[-3000:], file=sys.stderr)
-                    return 1
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=10).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(2)
+            try:
+                wait_ready(base, proc, home / "serve.log")
+            except RuntimeError as exc:
+                print(exc, file=sys.stderr)
+                return 1
             start = time.monotonic()
             got = personalization(base, key, home / "world")
             got["seconds"] = round(time.monotonic() - start, 1)

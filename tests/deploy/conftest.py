@@ -1,13 +1,30 @@
-"""Fixtures shared by the deployment tests: short private temp dirs and Ray auth env."""
+"""Fixtures shared by the deployment tests: short private temp dirs, Ray auth env and a
+headless Chromium for the web page tests."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Path of a Chromium for Playwright (installed by .ci/setup-chromium.sh when missing);
+    the test is skipped where none can be installed."""
+    path = shutil.which("chromium")
+    if path is None:
+        subprocess.run(["bash", str(REPO / ".ci/setup-chromium.sh")], check=False)
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium cannot be installed here")
+    return path
 
 
 @pytest.fixture

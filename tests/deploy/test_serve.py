@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -251,14 +249,8 @@ def test_captioner_replica_killed_mid_request(service):
 
 
 @pytest.mark.slow
-def test_web_page_register_and_caption(service, tmp_path):
+def test_web_page_register_and_caption(service, tmp_path, chromium):
     base, _, admin, _ = service
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        subprocess.run(["bash", str(REPO / ".ci/setup-chromium.sh")], check=False)
-        chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("chromium cannot be installed here")
     from playwright.sync_api import sync_playwright
 
     key = _user(base, admin, "dana")["X-API-Key"]

@@ -8,7 +8,6 @@ instead of serving a green health check."""
 from __future__ import annotations
 
 import io
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from bench.service_gate import personalization, unseen_world
+from bench.service_gate import personalization, unseen_world, wait_ready
 from repic_ray.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,15 +57,9 @@ def alive(procs: list[psutil.Process]) -> list[str]:
     return left
 
 
-def browser_personalizes(base: str, admin: dict, world: Path) -> None:
+def browser_personalizes(base: str, admin: dict, world: Path, chromium: str) -> None:
     """The same through the web page: a new user registers a photo's references (present and
     absent) under names the model never saw and captions the photo naming them."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        subprocess.run(["bash", str(REPO / ".ci/setup-chromium.sh")], check=False)
-        chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("chromium cannot be installed here")
     from playwright.sync_api import sync_playwright
 
     res = httpx.post(f"{base}/v1/admin/users", json={"name": "erin"}, headers=admin, timeout=60)
@@ -102,7 +95,7 @@ def browser_personalizes(base: str, admin: dict, world: Path) -> None:
 
 
 @pytest.mark.slow
-def test_readme_serve_commands_on_a_fresh_machine(tmp_path):
+def test_readme_serve_commands_on_a_fresh_machine(tmp_path, chromium):
     env = clean_env(tmp_path)
     add = subprocess.run([*REPIC, "serve", "add-user", "alice", "--admin"], check=False, cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
@@ -116,16 +109,7 @@ def test_readme_serve_commands_on_a_fresh_machine(tmp_path):
     base = f"http://127.0.0.1:{port}"
     tree: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "not ready in 600 s"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
+        wait_ready(base, proc, tmp_path / "serve.log")
         res = httpx.post(f"{base}/v1/concepts", headers=key, data={"name": "Bo", "category": "dog"},
                          files=[("images", ("bo.png", png("red"), "image/png"))], timeout=60)
         assert res.status_code == 201, res.text
@@ -140,7 +124,7 @@ def test_readme_serve_commands_on_a_fresh_machine(tmp_path):
         assert got["recall"] >= 0.7 and got["precision"] >= 0.85, got
         assert got["new"] in got["renamed"] and got["old"] not in got["renamed"], got
         assert got["old"] in got["before"], got
-        browser_personalizes(base, key, tmp_path / "world2")
+        browser_personalizes(base, key, tmp_path / "world2", chromium)
         tree = service_tree(proc.pid)
         names = " ".join(" ".join(p.cmdline()) for p in tree)
         assert "raylet" in names and "gcs_server" in names  # the tree is the whole cluster

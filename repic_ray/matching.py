@@ -48,12 +48,17 @@ def name_key(name: str, case_sensitive: bool = False) -> str:
     return strip_brackets(name if case_sensitive else name.lower())
 
 
-def compat_tokens(caption: str, case_sensitive: bool) -> set[str]:
-    """RePIC's `tokenize_caption`, as a set (the scripts only test membership)."""
+def _compat_token_list(caption: str, case_sensitive: bool) -> list[str]:
+    """RePIC's `tokenize_caption`, in order and with repeats."""
     caption = caption.replace("</s>", "")
     if not case_sensitive:
         caption = caption.lower()
-    return {w.strip(COMPAT_PUNCT_STRIP) for w in caption.split() if w.strip(COMPAT_PUNCT_STRIP)}
+    return [t for t in (w.strip(COMPAT_PUNCT_STRIP) for w in caption.split()) if t]
+
+
+def compat_tokens(caption: str, case_sensitive: bool) -> set[str]:
+    """RePIC's `tokenize_caption`, as a set (the scripts only test membership)."""
+    return set(_compat_token_list(caption, case_sensitive))
 
 
 @lru_cache(maxsize=4096)
@@ -116,9 +121,7 @@ def count_mentions(
         raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
     counts: dict[str, int] = {}
     if mode == "compat":
-        text = caption.replace("</s>", "")
-        text = text if case_sensitive else text.lower()
-        tokens = [w.strip(COMPAT_PUNCT_STRIP) for w in text.split()]
+        tokens = _compat_token_list(caption, case_sensitive)
     for name in names:
         if name in counts:
             continue

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import secrets
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -529,6 +530,32 @@ class ConceptStore:
         return True
 
 
+def _use_wal(cur, timeout: float = 30.0) -> None:
+    """Put the database in WAL mode (readers do not block the writer).
+
+    The mode is stored in the file, so it is set once; but switching needs the
+    database to itself, and SQLite answers "database is locked" at once, without
+    its busy timeout, when another process opens it at that moment (two replicas
+    starting together). Retry until the mode is WAL or the timeout passes.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            mode = cur.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -540,7 +567,7 @@ def _make_engine(url: str) -> Engine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+            _use_wal(cur)
             cur.close()
 
         @sa.event.listens_for(engine, "begin")

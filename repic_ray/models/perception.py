@@ -317,10 +317,33 @@ class GdinoTrainConfig:
     encoder_layers: int = 2
     decoder_layers: int = 3
     num_queries: int = 16
+    text_embedding_std: float = 1.0
+    """Initial std of the text tower's word embeddings. At BERT's 0.02 the category words
+    start as near copies of one vector next to the shared position and type embeddings,
+    and training collapsed them onto one feature: the detector found objects but scored
+    every category word of the prompt alike. A pretrained text tower starts with words
+    apart; this is the tiny model's stand-in."""
+    freeze_text: bool = True
+    """Keep the text path at its initial weights: BERT and its projection, as a
+    pretrained text encoder is kept in fine-tuning, and the encoder's updates of the text
+    features (text enhancer layers; the image-to-text half of each fusion layer). Trained,
+    that path learned to add one image-wide vector to every word and the words' features
+    became one (cosine 0.98 after 500 steps), so every category scored alike; frozen,
+    the words stay apart and the image side learns to match them."""
     init: str = ""
     """Continue from this checkpoint directory (its architecture wins over the above)."""
     seed: int = 0
     threads: int = 1
+
+
+def _text_path_parameters(model) -> list:
+    """The parameters that make the text features the detector's class logits read."""
+    m = model.model
+    params = [*m.text_backbone.parameters(), *m.text_projection.parameters()]
+    for layer in m.encoder.layers:
+        params += [*layer.text_enhancer_layer.parameters(), layer.fusion_layer.text_param,
+                   *layer.fusion_layer.attn.out_text_proj.parameters()]
+    return params
 
 
 def bert_layout_tokenizer():
@@ -402,6 +425,73 @@ def _gdino_model_and_processor(cfg: GdinoTrainConfig):
     return GroundingDinoForObjectDetection(config), processor
 
 
+def _target_classes_one_hot(outputs, targets, indices):
+    """Each matched query's target over the text tokens: the token map of its object's
+    phrase in its own image's prompt. transformers' GroundingDinoImageLoss offsets image
+    i's phrase indices by the phrase count of image i itself rather than of the images
+    before it, so from the third image of a batch on (or the second, when prompts differ
+    in length) queries were taught another image's phrase, and the detector learned
+    where objects are but not which category word they are."""
+    logits = outputs["logits"]
+    label_maps = outputs["label_maps"]
+    offsets = [0]
+    for m in label_maps[:-1]:
+        offsets.append(offsets[-1] + len(m))
+    class_labels = torch.cat([t["class_labels"][J] + off
+                              for t, (_, J), off in zip(targets, indices, offsets)])
+    flat = torch.cat(label_maps, dim=0)
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    onehot = torch.zeros_like(logits, dtype=torch.long)
+    onehot[batch_idx, src_idx] = flat[class_labels].to(torch.long)
+    return onehot
+
+
+def gdino_detection_loss(logits, labels, device, pred_boxes, config, label_maps, text_mask,
+                         outputs_class=None, outputs_coord=None, encoder_logits=None,
+                         encoder_pred_boxes=None):
+    """transformers' `GroundingDinoForObjectDetectionLoss` (same matcher, losses and
+    weights) with the batch offset of the class targets fixed
+    (`_target_classes_one_hot`). Set as the model's `loss_function` for training."""
+    from transformers.loss.loss_grounding_dino import (
+        GroundingDinoHungarianMatcher,
+        GroundingDinoImageLoss,
+        _set_aux_loss,
+    )
+
+    class _Loss(GroundingDinoImageLoss):
+        def _get_target_classes_one_hot(self, outputs, targets, indices):
+            return _target_classes_one_hot(outputs, targets, indices)
+
+    matcher = GroundingDinoHungarianMatcher(class_cost=config.class_cost,
+                                            bbox_cost=config.bbox_cost,
+                                            giou_cost=config.giou_cost)
+    criterion = _Loss(matcher=matcher, focal_alpha=config.focal_alpha,
+                      losses=["labels", "boxes", "cardinality"]).to(device)
+    outputs = {"logits": logits, "pred_boxes": pred_boxes, "label_maps": label_maps,
+               "text_mask": text_mask}
+    aux = None
+    if config.auxiliary_loss:
+        aux = _set_aux_loss(outputs_class, outputs_coord)
+        for a in aux:
+            a["label_maps"], a["text_mask"] = label_maps, text_mask
+        outputs["auxiliary_outputs"] = aux
+    loss_dict = criterion(outputs, labels)
+    weights = {"loss_ce": 2.0, "loss_bbox": config.bbox_loss_coefficient,
+               "loss_giou": config.giou_loss_coefficient}
+    if config.two_stage:
+        enc = criterion({"logits": encoder_logits, "pred_boxes": encoder_pred_boxes,
+                         "label_maps": label_maps, "text_mask": text_mask}, labels)
+        loss_dict.update({k + "_enc": v for k, v in enc.items()})
+        weights.update({k + "_enc": v for k, v in list(weights.items())})
+    if config.auxiliary_loss:
+        base = {k: v for k, v in weights.items() if not k.endswith("_enc")}
+        for i in range(config.decoder_layers - 1):
+            weights.update({f"{k}_{i}": v for k, v in base.items()})
+    loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+    return loss, loss_dict, aux
+
+
 def _gdino_sample(rng: random.Random, mapping: dict[str, str], single: float):
     """(image, prompt, labels): a random scene of 1-7 objects of any triple, a prompt of
     categories and the targets of the prompted categories (cx, cy, w, h in [0, 1])."""
@@ -444,11 +534,19 @@ def _train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
     rng = random.Random(cfg.seed)
     mapping = shape_categories()
     model, processor = _gdino_model_and_processor(cfg)
+    with torch.no_grad():
+        model.model.text_backbone.embeddings.word_embeddings.weight.normal_(
+            0.0, cfg.text_embedding_std)
     if cfg.init:
         from repic_ray.models.loading import load_detector
 
         processor, model = load_detector(cfg.init)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.loss_function = gdino_detection_loss
+    if cfg.freeze_text:
+        for q in _text_path_parameters(model):
+            q.requires_grad_(False)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -459,6 +557,8 @@ def _train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup)
         model.train()
+        if cfg.freeze_text:
+            model.model.text_backbone.eval()
         batch = [_gdino_sample(rng, mapping, cfg.single_prompt) for _ in range(cfg.batch_size)]
         enc = processor(images=[b[0] for b in batch], text=[b[1] for b in batch],
                         return_tensors="pt", padding=True)
@@ -514,6 +614,29 @@ def _average_precision(scored: list[tuple[float, bool]], n_gt: int) -> float:
     return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
 
 
+def phrase_spans(tokenizer, phrases: list[str]) -> list[tuple[str, int, int]]:
+    """(phrase, first token, end token) of each phrase in the Grounding DINO prompt
+    "p1. p2. ..." that `tokenizer` makes of them ([CLS] first, a "." after each)."""
+    spans, pos = [], 1
+    for phrase in phrases:
+        n = len(tokenizer(phrase, add_special_tokens=False)["input_ids"])
+        spans.append((phrase, pos, pos + n))
+        pos += n + 1  # the "." after it
+    return spans
+
+
+def query_phrases(probs_QT: torch.Tensor, spans: list[tuple[str, int, int]]
+                  ) -> list[tuple[str, float]]:
+    """Each query's phrase (the one holding its best token score) and that score;
+    phrases cut off by the text length are left out."""
+    spans = [s for s in spans if s[2] <= probs_QT.shape[1]]
+    if not spans:
+        return [("", 0.0)] * probs_QT.shape[0]
+    best_QP = torch.stack([probs_QT[:, a:b].amax(-1) for _, a, b in spans], dim=-1)
+    score_Q, idx_Q = best_QP.max(-1)
+    return [(spans[i][0], float(v)) for i, v in zip(idx_Q.tolist(), score_Q.tolist())]
+
+
 @torch.no_grad()
 def detect_categories(model, processor, image: Image.Image, categories: list[str]
                       ) -> list[tuple[str, float, list[float]]]:
@@ -523,17 +646,10 @@ def detect_categories(model, processor, image: Image.Image, categories: list[str
     enc = processor(images=image, text=prompt, return_tensors="pt")
     out = model(**enc)
     probs = torch.sigmoid(out.logits[0])  # (queries, text tokens)
-    tok = processor.tokenizer
-    spans, pos = [], 1
-    for cat in categories:
-        n = len(tok(cat, add_special_tokens=False)["input_ids"])
-        spans.append((cat, pos, pos + n))
-        pos += n + 1  # the "." after it
+    labels = query_phrases(probs, phrase_spans(processor.tokenizer, categories))
     w, h = image.size
     dets = []
-    for q in range(probs.shape[0]):
-        cat, a, b = max(spans, key=lambda s: float(probs[q, s[1]:s[2]].max()))
-        score = float(probs[q, a:b].max())
+    for q, (cat, score) in enumerate(labels):
         cx, cy, bw, bh = out.pred_boxes[0, q].tolist()
         dets.append((cat, score, [(cx - bw / 2) * w, (cy - bh / 2) * h,
                                   (cx + bw / 2) * w, (cy + bh / 2) * h]))
@@ -581,7 +697,16 @@ def detector_ap50(model, processor, *, images: int = 100, seed: int = 0,
 
 def _add_fields(p: argparse.ArgumentParser, cls) -> None:
     for f in fields(cls):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,10 @@
 """Find a user's concepts in a query image: Grounding DINO crops + CLIP embeddings.
 
 RePIC's retrieval mode (after RAP): an open-set detector proposes object crops
-for the categories of the user's concepts; each crop and each reference image is
-embedded with CLIP; a concept's score is its best cosine similarity between any
-crop and any of its reference images, and the top-K concepts by score go into the
+for the categories of the user's concepts, each labelled with the category phrase
+of its best text token; each crop and each reference image is embedded with CLIP;
+a concept's score is its best cosine similarity between a crop of its own category
+and any of its reference images, and the top-K concepts by score go into the
 prompt, each with the box of its best crop. The whole image is always one of the
 crops, so a concept can still be retrieved when the detector finds nothing (its
 box is then the whole image).
@@ -95,18 +96,28 @@ class ConceptRetriever:
 
     # -- steps -------------------------------------------------------------
 
-    @torch.no_grad()
     def detect(self, image: Image.Image, categories: list[str]) -> list[tuple[list[float], float]]:
         """Boxes ([x1, y1, x2, y2] pixels) and scores of objects of `categories`,
         best first, at most `max_crops`, each scoring >= `box_threshold`."""
+        return [(box, score) for box, score, _ in self.detect_phrases(image, categories)]
+
+    @torch.no_grad()
+    def detect_phrases(self, image: Image.Image, categories: list[str]
+                       ) -> list[tuple[list[float], float, str]]:
+        """`detect` with each box's category: the prompt phrase of its best token."""
+        from repic_ray.models.perception import phrase_spans, query_phrases
+
         if not categories or self.config.max_crops == 0:
             return []
-        text = ". ".join(dict.fromkeys(c.lower() for c in categories)) + "."
-        enc = self.detector_processor(images=image, text=text, return_tensors="pt")
+        phrases = list(dict.fromkeys(c.lower() for c in categories))
+        enc = self.detector_processor(images=image, text=". ".join(phrases) + ".",
+                                      return_tensors="pt")
         out = self.detector(**enc)
         probs_QT = torch.sigmoid(out.logits[0].float())  # (queries, text tokens)
         n_text = int(enc["attention_mask"][0].sum()) if "attention_mask" in enc else probs_QT.shape[1]
-        score_Q = probs_QT[:, : min(n_text, probs_QT.shape[1])].amax(-1)
+        probs_QT = probs_QT[:, : min(n_text, probs_QT.shape[1])]
+        labels = query_phrases(probs_QT, phrase_spans(self.detector_processor.tokenizer, phrases))
+        score_Q = probs_QT.amax(-1)
         keep = (score_Q >= self.config.box_threshold).nonzero().flatten()
         keep = keep[score_Q[keep].argsort(descending=True)][: self.config.max_crops]
         w, h = image.size
@@ -117,7 +128,7 @@ class ConceptRetriever:
             x2, y2 = min(float(w), (cx + bw / 2) * w), min(float(h), (cy + bh / 2) * h)
             if x2 - x1 >= 2 and y2 - y1 >= 2:
                 boxes.append(([round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)],
-                              float(score_Q[q])))
+                              float(score_Q[q]), labels[q][0]))
         return boxes
 
     @torch.no_grad()
@@ -159,20 +170,22 @@ class ConceptRetriever:
             return []
         image = image_from_bytes(query, name="query")
         with self._lock:  # the embedding cache and the models are shared by threads
-            detections = self.detect(image, [c.category for c in concepts])
+            detections = self.detect_phrases(image, [c.category for c in concepts])
             w, h = image.size
-            crops = [([0.0, 0.0, float(w), float(h)], 0.0), *detections]
+            crops = [([0.0, 0.0, float(w), float(h)], 0.0, ""), *detections]
             crop_emb_CD = self.embed([image.crop(tuple(round(v) for v in box))
-                                      for box, _ in crops])
+                                      for box, _, _ in crops])
             matches = []
             for concept in concepts:
+                # A concept is looked for in the boxes of its own category (and the whole
+                # image): a box the detector calls a lamp is not a candidate for a dog.
+                rows = [0] + [i for i, (_, _, phrase) in enumerate(crops)
+                              if i and phrase == concept.category.lower()]
                 ref_RD = self.reference_embeddings(concept)
-                sim_CR = crop_emb_CD @ ref_RD.T
-                best_C = sim_CR.amax(-1)
+                best_C = (crop_emb_CD[rows] @ ref_RD.T).amax(-1)
                 # Prefer a detected crop over the whole-image fallback on ties.
-                c = int(best_C.flip(0).argmax())
-                c = len(crops) - 1 - c
-                matches.append(Match(name=concept.name, score=float(best_C[c]),
+                c = rows[len(rows) - 1 - int(best_C.flip(0).argmax())]
+                matches.append(Match(name=concept.name, score=float(best_C[rows.index(c)]),
                                      box=list(crops[c][0])))
         matches.sort(key=lambda m: -m.score)
         return matches[:top_k]

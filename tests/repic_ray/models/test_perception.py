@@ -21,8 +21,10 @@ from repic_ray.models.loading import (
 )
 from repic_ray.models.perception import (
     BERT_SPECIAL_IDS,
+    _target_classes_one_hot,
     bert_layout_tokenizer,
     clip_retrieval_accuracy,
+    gdino_detection_loss,
     shape_categories,
     triple_split,
 )
@@ -48,6 +50,57 @@ def test_detector_tokenizer_puts_specials_at_the_ids_grounding_dino_hardcodes():
     assert ids[-1] == tok.sep_token_id == gd.SPECIAL_TOKENS[1]
     assert ids[2] == ids[4] == gd.SPECIAL_TOKENS[2] and tok.pad_token_id == 0
     assert tok.unk_token_id not in ids and len(ids) == 6  # each category word is one token
+
+
+def test_detection_loss_teaches_each_query_its_own_images_category_word():
+    """Three prompts of different lengths in one batch: every matched query's class
+    target is its object's category word in its own image's prompt (transformers' loss
+    offsets the third image's phrases by its own phrase count and targets a word of
+    another image's prompt)."""
+    import torch
+    from transformers.loss.loss_grounding_dino import GroundingDinoImageLoss
+    from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps
+
+    tok = bert_layout_tokenizer()
+    prompts = ["lamp. shoe. dog. bag.", "car. toy.", "mug. hat. lamp."]
+    objects = [["dog", "lamp"], ["toy"], ["hat", "lamp"]]
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    logits = torch.zeros(3, 4, 64)
+    label_maps = build_label_maps(logits, enc["input_ids"])
+    targets = [{"class_labels": torch.tensor([p.rstrip(".").split(". ").index(c) for c in objs])}
+               for p, objs in zip(prompts, objects)]
+    indices = [(torch.arange(len(objs)), torch.arange(len(objs))) for objs in objects]
+    outputs = {"logits": logits, "label_maps": label_maps}
+
+    def words(onehot):
+        out = []
+        for i, objs in enumerate(objects):
+            ids = enc["input_ids"][i]
+            out.append([tok.decode(ids[onehot[i, q, : ids.shape[0]].bool()])
+                        for q in range(len(objs))])
+        return out
+
+    assert words(_target_classes_one_hot(outputs, targets, indices)) == objects
+    stock = GroundingDinoImageLoss(matcher=None, focal_alpha=0.25, losses=[])
+    assert words(stock._get_target_classes_one_hot(outputs, targets, indices)) != objects
+
+
+def test_fixed_detection_loss_equals_transformers_on_one_image():
+    import random
+
+    import torch
+
+    from repic_ray.models.perception import GdinoTrainConfig, _gdino_model_and_processor, _gdino_sample
+
+    model, processor = _gdino_model_and_processor(GdinoTrainConfig(d_model=32, num_queries=8))
+    model.eval()
+    img, prompt, target = _gdino_sample(random.Random(0), shape_categories(), 0.0)
+    enc = processor(images=[img], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        stock = model(**enc, labels=[target]).loss
+        model.loss_function = gdino_detection_loss
+        fixed = model(**enc, labels=[target]).loss
+    assert torch.isclose(stock, fixed)
 
 
 def test_shipped_checkpoints_resolve_from_any_working_directory(tmp_path, monkeypatch):

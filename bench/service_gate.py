@@ -11,8 +11,10 @@ did not use, then for 20 photos (10 with one concept, 10 with two):
 
 - explicit mode: the photo's references (present and absent ones, as in RePIC) named in
   `concepts=`; RePIC's name precision / recall over the ground-truth slots;
-- retrieval mode: `top_k` = the number of concepts present; the share of present concepts
-  the retriever chose;
+- retrieval mode: the user asks for the concepts in the photo without naming any; the
+  concepts in it are all of the user's registered concepts drawn in it (a photo's
+  distractor objects are the world's other concepts, all registered), `top_k` = their
+  number; the share of them the retriever chose;
 - renaming: one concept renamed (`PATCH /v1/concepts/{name}`, same images) and its photo
   captioned again: the new name should replace the old one.
 
@@ -86,6 +88,8 @@ def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
     user_names, samples, new_name = unseen_world(world)
     category = {c["name"]: c["category"] for c in json.loads(
         (world / "concepts" / "database.json").read_text())["concept_dict"].values()}
+    triple = {c["name"]: (c["shape"], c["colour"], c["pattern"])
+              for c in json.loads((world / "world.json").read_text())["concepts"]}
     for world_name, name in user_names.items():
         data = (world / "concepts" / f"{world_name}.png").read_bytes()
         # The user says what each concept is ("dog"): the detector's prompt in retrieval mode.
@@ -107,11 +111,17 @@ def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
         captions.append({"present": present, "caption": caption})
         found = find_names(caption, list(user_names.values()))
         explicit.add(slot_outcomes(found, present, user_names.values(), case_sensitive=False))
-        res = httpx.post(f"{base}/v1/captions", headers=key, data={"top_k": str(len(present))},
+        drawn = {(o["shape"], o["colour"], o["pattern"]) for o in x["objects"]}
+        visible = {name for world_name, name in user_names.items()
+                   if triple[world_name] in drawn}
+        assert set(present) <= visible
+        res = httpx.post(f"{base}/v1/captions", headers=key, data={"top_k": str(len(visible))},
                          files={"image": ("q.png", query, "image/png")}, timeout=300)
         assert res.status_code == 200, res.text
-        chosen += len({m["name"] for m in res.json()["concepts"]} & set(present))
-        slots += len(present)
+        retrieved = [m["name"] for m in res.json()["concepts"]]
+        captions[-1].update(visible=sorted(visible), retrieved=retrieved)
+        chosen += len(set(retrieved) & visible)
+        slots += len(visible)
     # Renamed (same images, new name): the caption follows the new name.
     x = samples[0]
     old = user_names[Path(x["image"][x["ref_names"].index(x["concepts"][0])]).stem]
@@ -126,7 +136,7 @@ def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
     assert res.status_code == 200, res.text
     renamed = res.json()["caption"]
     return {"recall": explicit.recall, "precision": explicit.precision,
-            "retrieval": chosen / slots, "renamed": renamed, "old": old, "new": new_name,
+            "retrieval": chosen / slots, "retrieval_slots": slots, "renamed": renamed, "old": old, "new": new_name,
             "before": captions[0]["caption"], "captions": captions}
 
 

@@ -317,6 +317,9 @@ class GdinoTrainConfig:
     encoder_layers: int = 2
     decoder_layers: int = 3
     num_queries: int = 16
+    dropout: float = 0.1
+    """Dropout of the detection transformer (Grounding DINO's default 0.1); the world's
+    scenes are drawn fresh every step, so there is little to overfit."""
     text_embedding_std: float = 1.0
     """Initial std of the text tower's word embeddings. At BERT's 0.02 the category words
     start as near copies of one vector next to the shared position and type embeddings,
@@ -418,6 +421,7 @@ def _gdino_model_and_processor(cfg: GdinoTrainConfig):
         decoder_ffn_dim=2 * cfg.d_model,
         decoder_attention_heads=4,
         num_queries=cfg.num_queries,
+        dropout=cfg.dropout,
         max_text_len=64,
         auxiliary_loss=True,
         disable_custom_kernels=True,
@@ -625,16 +629,22 @@ def phrase_spans(tokenizer, phrases: list[str]) -> list[tuple[str, int, int]]:
     return spans
 
 
-def query_phrases(probs_QT: torch.Tensor, spans: list[tuple[str, int, int]]
-                  ) -> list[tuple[str, float]]:
-    """Each query's phrase (the one holding its best token score) and that score;
-    phrases cut off by the text length are left out."""
+def phrase_scores(probs_QT: torch.Tensor, spans: list[tuple[str, int, int]]
+                  ) -> list[dict[str, float]]:
+    """Each query's score for each phrase (its best token score in the phrase); phrases
+    cut off by the text length are left out."""
     spans = [s for s in spans if s[2] <= probs_QT.shape[1]]
     if not spans:
-        return [("", 0.0)] * probs_QT.shape[0]
+        return [{} for _ in range(probs_QT.shape[0])]
     best_QP = torch.stack([probs_QT[:, a:b].amax(-1) for _, a, b in spans], dim=-1)
-    score_Q, idx_Q = best_QP.max(-1)
-    return [(spans[i][0], float(v)) for i, v in zip(idx_Q.tolist(), score_Q.tolist())]
+    return [{p: float(v) for (p, _, _), v in zip(spans, row)} for row in best_QP.tolist()]
+
+
+def query_phrases(probs_QT: torch.Tensor, spans: list[tuple[str, int, int]]
+                  ) -> list[tuple[str, float]]:
+    """Each query's phrase (the one holding its best token score) and that score."""
+    return [max(s.items(), key=lambda kv: kv[1]) if s else ("", 0.0)
+            for s in phrase_scores(probs_QT, spans)]
 
 
 @torch.no_grad()

@@ -142,10 +142,6 @@ FRESH_NAMES = ("Pixel", "Biscuit", "Momo", "Juniper", "Waffles", "Clover", "Spro
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the shipped tiny Grounding DINO does not tell categories apart yet "
-                   "(AP50 0.016): offline, detector crops + the shipped CLIP pick the right "
-                   "concept among 8 for 88% of scenes (bench/results/perception.json)",
-                   strict=False)
 def test_retrieval_mode_finds_a_new_users_concepts_under_their_names(service, tmp_path):
     """A world drawn with a seed no model was trained on, its 10 concepts registered
     through the API under names of the user's own; retrieval mode (detector crops +

@@ -34,7 +34,7 @@ def test_config_layers_yaml_flags_and_overrides():
     cfg, deployments, http = _config(args, rest)
     assert (cfg.captioner.checkpoint, cfg.captioner.adapter) == ("/ckpt", "/lora")
     assert (cfg.engine, cfg.captioner.max_new_tokens) == ("hf", 7)
-    assert cfg.retriever.box_threshold == 0.15  # from the YAML (the default is 0.3)
+    assert cfg.retriever.box_threshold == 0.15  # from the YAML (the default is 0.2)
     assert deployments["Captioner"]["autoscaling_config"]["max_replicas"] == 1
     assert http == {"host": "127.0.0.1", "port": 8000}
 

@@ -119,9 +119,11 @@ def test_readme_serve_commands_on_a_fresh_machine(tmp_path, chromium):
         assert res.json()["model"] == "tiny-open" and res.json()["caption"].strip()
         # Unseen concepts under unseen names, over HTTP (figures: bench/service_gate.py,
         # BENCHMARKS.md; the floors here are far above the 0 of a model that cannot read
-        # names from references, below the measured 80 % / 96 %).
+        # names from references, below the measured 80 % / 96 %; retrieval: measured 93 %,
+        # 85 % with Grounding DINO's usual box threshold 0.3 instead of the default 0.2).
         got = personalization(base, key, tmp_path / "world")
         assert got["recall"] >= 0.7 and got["precision"] >= 0.85, got
+        assert got["retrieval"] >= 0.8, got
         assert got["new"] in got["renamed"] and got["old"] not in got["renamed"], got
         assert got["old"] in got["before"], got
         browser_personalizes(base, key, tmp_path / "world2", chromium)

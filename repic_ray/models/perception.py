@@ -321,11 +321,10 @@ class GdinoTrainConfig:
     """Dropout of the detection transformer (Grounding DINO's default 0.1); the world's
     scenes are drawn fresh every step, so there is little to overfit."""
     text_embedding_std: float = 1.0
-    """Initial std of the text tower's word embeddings. At BERT's 0.02 the category words
-    start as near copies of one vector next to the shared position and type embeddings,
-    and training collapsed them onto one feature: the detector found objects but scored
-    every category word of the prompt alike. A pretrained text tower starts with words
-    apart; this is the tiny model's stand-in."""
+    """Initial std of the text tower's word embeddings, which the frozen text path (below)
+    keeps. At BERT's 0.02 a word's own embedding is no larger than the position and type
+    embeddings every category word shares; at 1.0 the 8 category words' features start
+    apart (mean cosine -0.02), as a pretrained text tower's would."""
     freeze_text: bool = True
     """Keep the text path at its initial weights: BERT and its projection, as a
     pretrained text encoder is kept in fine-tuning, and the encoder's updates of the text

@@ -4,8 +4,8 @@ RePIC's retrieval mode (after RAP): an open-set detector proposes object crops
 for the categories of the user's concepts, each with a score per category phrase;
 each crop and each reference image is embedded with CLIP; a concept's score is its
 best cosine similarity between a crop the detector finds likely enough to be of the
-concept's category (`category_ratio`) and any of its reference images, and the top-K concepts by score go into the
-prompt, each with the box of its best crop. The whole image is always one of the
+concept's category (`category_ratio`) and any of its reference images, and the
+top-K concepts by score go into the prompt, each with the box of its best crop. The whole image is always one of the
 crops, so a concept can still be retrieved when the detector finds nothing (its
 box is then the whole image).
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import random
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.common import finish, markdown_table, setup_env
 
 
 def retriever_accuracy(retriever, *, num_concepts: int, episodes: int, queries: int,
@@ -68,6 +69,43 @@ def retriever_accuracy(retriever, *, num_concepts: int, episodes: int, queries: 
     return round(hits / total, 4)
 
 
+def detector_reward_separation(spec: str, *, images: int, seed: int) -> dict:
+    """The detector reward's verdict ("is there a <category>?", prompt "a <category>.",
+    its default thresholds) for every category on random scenes: the share of present and
+    of absent categories verified, and the AUC of its score between them."""
+    import tempfile
+
+    import numpy as np
+
+    from repic_ray.models.perception import all_triples, draw_scene, shape_categories
+    from repic_ray.rewards.detector import DetectorReward, DetectorRewardConfig
+
+    mapping = shape_categories()
+    categories = sorted(set(mapping.values()))
+    rng = random.Random(seed)
+    reward = DetectorReward(DetectorRewardConfig(checkpoint=spec))
+    pairs, present = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(images):
+            img, objects = draw_scene(rng, rng.sample(all_triples(), rng.randint(1, 4)))
+            path = f"{tmp}/{i}.png"
+            img.save(path)
+            drawn = {mapping[t[0]] for t, _ in objects}
+            for c in categories:
+                pairs.append((path, c))
+                present.append(c in drawn)
+        scores = reward.detect(pairs)
+    s = np.array([scores[p] for p in pairs])
+    s = np.where(np.isfinite(s), s, -1.0)
+    y = np.array(present)
+    pos, neg = s[y], s[~y]
+    auc = float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+    verified = s >= reward.cfg.text_threshold
+    return {"checkpoint": spec, "auc": round(auc, 3),
+            "verified_present": round(float(verified[y].mean()), 3),
+            "verified_absent": round(float(verified[~y].mean()), 3), "images": images}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-retriever", action="store_true")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
+    setup_env()
 
     import torch
 
@@ -89,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     from repic_ray.models.perception import clip_retrieval_accuracy, detector_ap50
 
     torch.set_num_threads(args.threads)
-    results: dict = {"command": "python bench/bench_perception.py " + " ".join(argv or sys.argv[1:]),
-                     "torch_threads": args.threads, "clip": {}, "detector": {}}
+    results: dict = {"torch_threads": args.threads, "clip": {}, "detector": {}}
     t0 = time.time()
     for label, spec in (("shipped", args.clip), ("random", "tiny:clip")):
         processor, model = load_clip(spec)
@@ -105,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["detector"][label] = {"checkpoint": spec, **detector_ap50(
             model, processor, images=args.images, seed=4242)}
         print(label, results["detector"][label], flush=True)
+    results["detector_reward"] = {
+        label: detector_reward_separation(spec, images=args.images // 4, seed=2024)
+        for label, spec in (("shipped", args.detector), ("random", "tiny:grounding-dino"))}
+    print("detector reward", results["detector_reward"], flush=True)
     if not args.skip_retriever:
         from repic_ray.serving.retriever import ConceptRetriever, RetrieverConfig
 
@@ -117,9 +159,14 @@ def main(argv: list[str] | None = None) -> dict:
             for n in (8, 20)}}
         print("retriever", results["retriever"], flush=True)
     results["seconds"] = round(time.time() - t0, 1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    rows = [[label, f"{c['top1_unseen_8']:.1%} / {c['top1_unseen_20']:.1%}", d["ap50"],
+             f"{r['verified_present']:.1%} / {r['verified_absent']:.1%}"]
+            for label in ("shipped", "random")
+            for c, d, r in [[results[k][label] for k in ("clip", "detector", "detector_reward")]]]
+    command = ["python", "bench/bench_perception.py", *(sys.argv[1:] if argv is None else argv)]
+    finish(results, markdown_table(["model", "CLIP top-1, 8 / 20 unseen", "detector AP50",
+                                    "reward verifies present / absent"], rows),
+           args.out, command)
     return results
 
 

@@ -10,6 +10,11 @@ unseen names (held-out triples and evaluation names of an "open" world).
     # G2: binding, "Who is in the image?" on the single-concept evaluation split (2
     # references, 1 present); exact-name accuracy of the greedy answer
     python bench/gates.py g2 --checkpoint checkpoints/tiny-bind --data WORLD_DIR
+    # G4's learning signal: n sampled captions per multi-concept evaluation prompt
+    # (temperature 1, as RL samples them); per k the mean name recall of a sample, the
+    # mean best recall among the n (what GRPO can reinforce), the spread within a group,
+    # repeated reference names per caption, and the greedy caption's recall
+    python bench/gates.py signal --checkpoint checkpoints/tiny-open --data WORLD_DIR
 
 Each writes JSON under bench/results/ (`--out` to change) and prints a summary. Decoding
 is greedy with transformers `generate` (one process, CPU).
@@ -195,6 +200,72 @@ def gate_names(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def gate_signal(args: argparse.Namespace) -> dict[str, Any]:
+    import statistics
+
+    from repic_ray.data.formats import load_samples
+    from repic_ray.matching import count_mentions
+    from repic_ray.models.loading import load_processor, resolve_checkpoint
+    from repic_ray.prompts import build_prompt
+    from repic_ray.rewards.names import name_scores as caption_name_scores
+    from repic_ray.rollout.config import RolloutConfig, SamplingConfig
+    from repic_ray.rollout.hf_engine import HFRolloutEngine
+    from repic_ray.rollout.types import RolloutRequest
+
+    path = resolve_checkpoint(args.checkpoint)
+    processor = load_processor(path)
+    data = Path(args.data)
+    result: dict[str, Any] = {"gate": "signal", "checkpoint": args.checkpoint, "data": str(data),
+                              "n": args.n, "temperature": args.temperature, "seed": args.seed,
+                              "by_k": {}}
+    splits = {int(p.stem.split("_")[1]): load_samples(p)[: args.max_per_k]
+              for p in sorted((data / "eval").glob("concepts_*.json"))}
+    splits = {k: v for k, v in splits.items() if k >= 2}
+    engine = HFRolloutEngine(RolloutConfig(
+        model=path, dtype="float32",
+        limit_images_per_prompt=max(len(s.images) for v in splits.values() for s in v),
+        sampling=SamplingConfig(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens,
+                                seed=args.seed)))
+    start = time.perf_counter()
+    for k, samples in splits.items():
+        rng = random.Random(0)
+        prompts = [build_prompt(s, processor, rng=rng, suffix_mode="none") for s in samples]
+        mean_recall, best_recall, spread_recall, repeats, greedy = [], [], [], [], []
+        for lo in range(0, len(samples), args.batch_size):
+            batch = list(zip(samples[lo:lo + args.batch_size], prompts[lo:lo + args.batch_size]))
+            for greedy_pass in (False, True):
+                requests = [RolloutRequest(uid=f"{k}:{lo + i}", prompt_text=p.text,
+                                           image_paths=list(p.image_paths), n=1 if greedy_pass else args.n)
+                            for i, (_, p) in enumerate(batch)]
+                sampling = SamplingConfig(n=1 if greedy_pass else args.n,
+                                          temperature=0.0 if greedy_pass else args.temperature,
+                                          max_tokens=args.max_tokens, seed=args.seed)
+                for (s, _), out in zip(batch, engine.generate(requests, sampling)):
+                    recalls = []
+                    for c in out.completions:
+                        correct, _, n = caption_name_scores(c.text, s.concepts, s.ref_names)
+                        recalls.append(correct / n)
+                        if not greedy_pass:
+                            counts = count_mentions(c.text, list(s.ref_names))
+                            repeats.append(sum(max(0, v - 1) for v in counts.values()))
+                    if greedy_pass:
+                        greedy.append(recalls[0])
+                    else:
+                        mean_recall.append(statistics.fmean(recalls))
+                        best_recall.append(max(recalls))
+                        spread_recall.append(statistics.pstdev(recalls))
+        result["by_k"][str(k)] = {
+            "prompts": len(samples),
+            "sampled_recall": statistics.fmean(mean_recall),
+            "best_of_n_recall": statistics.fmean(best_recall),
+            "within_group_std": statistics.fmean(spread_recall),
+            "repeated_names_per_caption": statistics.fmean(repeats),
+            "greedy_recall": statistics.fmean(greedy),
+        }
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
 def gate_g1(args: argparse.Namespace) -> dict[str, Any]:
     from repic_ray.models.loading import load_policy, load_processor, resolve_checkpoint
     from repic_ray.pipeline.pretrain_vision import gate_episodes, nearest_reference_accuracy
@@ -230,7 +301,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     g2.add_argument("--batch-size", type=int, default=16)
     g2.add_argument("--layout", choices=["chat", "bare"], default="chat",
                     help="the real prompt (the gate), or the bare layout of SFT's curriculum warm-up")
-    for sp in (g1, names, g2):
+    sig = sub.add_parser("signal", help="G4's learning signal: sampled vs best-of-n name recall")
+    sig.add_argument("--checkpoint", required=True)
+    sig.add_argument("--data", required=True, help="world directory (`--names open`)")
+    sig.add_argument("--max-per-k", type=int, default=40)
+    sig.add_argument("--n", type=int, default=8, help="sampled captions per prompt (GRPO's group)")
+    sig.add_argument("--temperature", type=float, default=1.0)
+    sig.add_argument("--seed", type=int, default=0)
+    sig.add_argument("--max-tokens", type=int, default=96)
+    sig.add_argument("--batch-size", type=int, default=8)
+    for sp in (g1, names, g2, sig):
         sp.add_argument("--out", help="JSON output (default bench/results/gate_<name>.json)")
         sp.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -238,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    result = {"g1": gate_g1, "g2": gate_g2, "names": gate_names}[args.gate](args)
+    result = {"g1": gate_g1, "g2": gate_g2, "names": gate_names, "signal": gate_signal}[args.gate](args)
     if args.gate == "g2":
         rows = [["G2 binding: right name", f"{result['accuracy']:.4f}", result["n"]]]
         rows += [[f"  answer is {k}", f"{v:.4f}", ""] for k, v in result["share"].items()]
@@ -247,6 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{result['swapped_references']['accuracy']:.4f}", result["n"]])
             rows.append(["reference images swapped: answer unchanged",
                          f"{result['answer_unchanged_when_swapped']:.4f}", result["n"]])
+    elif args.gate == "signal":
+        rows = [[k, m["prompts"], m["sampled_recall"], m["best_of_n_recall"], m["within_group_std"],
+                 m["repeated_names_per_caption"], m["greedy_recall"]] for k, m in result["by_k"].items()]
+        out = args.out or str(RESULTS / "gate_signal.json")
+        finish(result, markdown_table(["k", "prompts", "sampled recall", f"best of {args.n}",
+                                       "std in group", "repeated names", "greedy recall"], rows), out)
+        return 0
     elif args.gate == "g1":
         rows = [["G1 nearest reference", f"{result['accuracy']:.4f}", result["queries"]]]
         rows += [[f"  with {n} references", f"{a:.4f}", ""] for n, a in result["by_num_refs"].items()]

@@ -140,6 +140,18 @@ def test_stop_string_cuts_text_and_sampling(engine, requests, sampled):
     assert len(cut.token_ids) < len(full.token_ids) or full.finish_reason == "stop"
 
 
+def test_text_decoded_at_the_end_equals_vllms_incremental_detokenizer(engine, requests, sampled):
+    # Without stop strings the engine skips vLLM's detokenizer and decodes each completion
+    # once; a stop string that never occurs keeps vLLM detokenizing as it samples. Same
+    # seed, same tokens: the texts must agree (the tiny random model writes any token).
+    never = SamplingConfig(n=SAMPLING.n, max_tokens=SAMPLING.max_tokens, seed=0, stop=["\x00never\x00"])
+    detokenized = engine.generate(requests, never)
+    pairs = [(a, b) for r, d in zip(sampled, detokenized) for a, b in zip(r.completions, d.completions)]
+    assert pairs and all(a.token_ids == b.token_ids for a, b in pairs)
+    assert any(a.text.strip() for a, _ in pairs)
+    assert [a.text for a, _ in pairs] == [b.text for _, b in pairs]
+
+
 def test_vision_special_tokens_are_never_sampled(engine, requests):
     vision_ids = {engine.tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
     assert set(engine._blocked) == vision_ids

@@ -200,6 +200,20 @@ def gate_names(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def attributes_next_to_names(caption: str, sample: Any, counts: list[int]) -> None:
+    """For every sentence of `caption` naming a present concept, counts[1] += 1, and
+    counts[0] += 1 when the sentence also holds that concept's colour, pattern and
+    category words (the world's captions say "Bo the red striped dog ...")."""
+    objects = {o["name"]: o for o in sample.objects or [] if o.get("name")}
+    for sentence in re.split(r"(?<=[.!?])\s+", caption):
+        words = set(re.findall(r"[a-z]+", sentence.lower()))
+        for name in sample.concepts or []:
+            if name in objects and re.search(rf"\b{re.escape(name)}\b", sentence, re.IGNORECASE):
+                o = objects[name]
+                counts[1] += 1
+                counts[0] += all(o.get(key) in words for key in ("colour", "pattern", "category"))
+
+
 def gate_signal(args: argparse.Namespace) -> dict[str, Any]:
     import statistics
 
@@ -231,6 +245,7 @@ def gate_signal(args: argparse.Namespace) -> dict[str, Any]:
         rng = random.Random(0)
         prompts = [build_prompt(s, processor, rng=rng, suffix_mode="none") for s in samples]
         mean_recall, best_recall, spread_recall, repeats, greedy = [], [], [], [], []
+        bound = [0, 0]  # greedy mentions of a present concept: with its attributes, all
         for lo in range(0, len(samples), args.batch_size):
             batch = list(zip(samples[lo:lo + args.batch_size], prompts[lo:lo + args.batch_size]))
             for greedy_pass in (False, True):
@@ -250,6 +265,7 @@ def gate_signal(args: argparse.Namespace) -> dict[str, Any]:
                             repeats.append(sum(max(0, v - 1) for v in counts.values()))
                     if greedy_pass:
                         greedy.append(recalls[0])
+                        attributes_next_to_names(out.completions[0].text, s, bound)
                     else:
                         mean_recall.append(statistics.fmean(recalls))
                         best_recall.append(max(recalls))
@@ -261,6 +277,8 @@ def gate_signal(args: argparse.Namespace) -> dict[str, Any]:
             "within_group_std": statistics.fmean(spread_recall),
             "repeated_names_per_caption": statistics.fmean(repeats),
             "greedy_recall": statistics.fmean(greedy),
+            "greedy_present_mentions": bound[1],
+            "greedy_mentions_with_own_attributes": bound[0] / max(bound[1], 1),
         }
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
@@ -329,10 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{result['answer_unchanged_when_swapped']:.4f}", result["n"]])
     elif args.gate == "signal":
         rows = [[k, m["prompts"], m["sampled_recall"], m["best_of_n_recall"], m["within_group_std"],
-                 m["repeated_names_per_caption"], m["greedy_recall"]] for k, m in result["by_k"].items()]
+                 m["repeated_names_per_caption"], m["greedy_recall"], m["greedy_mentions_with_own_attributes"]]
+                for k, m in result["by_k"].items()]
         out = args.out or str(RESULTS / "gate_signal.json")
         finish(result, markdown_table(["k", "prompts", "sampled recall", f"best of {args.n}",
-                                       "std in group", "repeated names", "greedy recall"], rows), out)
+                                       "std in group", "repeated names", "greedy recall",
+                                       "greedy: name with its attributes"], rows), out)
         return 0
     elif args.gate == "g1":
         rows = [["G1 nearest reference", f"{result['accuracy']:.4f}", result["queries"]]]

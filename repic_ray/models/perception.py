@@ -317,6 +317,9 @@ class GdinoTrainConfig:
     encoder_layers: int = 2
     decoder_layers: int = 3
     num_queries: int = 16
+    first_level: int = 2
+    """The Swin stage of the detector's finest feature level (1: stride 4, 2: stride 8);
+    the levels are this stage, the two after it, and one more convolved from the last."""
     dropout: float = 0.1
     """Dropout of the detection transformer (Grounding DINO's default 0.1); the world's
     scenes are drawn fresh every step, so there is little to overfit."""
@@ -398,7 +401,7 @@ def _gdino_model_and_processor(cfg: GdinoTrainConfig):
             "depths": [1, 1, 2, 1],
             "num_heads": [1, 2, 4, 4],
             "window_size": 4,
-            "out_indices": [2, 3, 4],
+            "out_indices": [cfg.first_level + i for i in range(3)],
         },
         text_config={
             "model_type": "bert",

@@ -86,7 +86,8 @@ class RolloutConfig:
     top_p and the vision-token block applied). "raw_logprobs": full-vocabulary log-softmax of the
     raw logits (temperature 1)."""
     enforce_eager: bool = True
-    """Skip CUDA-graph / compile capture (required on CPU, faster start everywhere)."""
+    """Run the model eagerly: no torch.compile, no CUDA graphs. Faster to start; compiled
+    runs faster per step (on CPU too: the tiny recipe sets False, +20 % samples/s)."""
     seed: int = 0
     """Engine seed (initial sampler state). Derived: in an experiment, from `trainer.seed`."""
     mm_processor_kwargs: dict = field(default_factory=dict)

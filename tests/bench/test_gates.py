@@ -53,6 +53,11 @@ def test_gates_run_end_to_end(run_bench, tmp_path):
     g2 = run_bench("gates.py", "g2", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root))
     assert g2["n"] == 2 and len(g2["answers"]) == 2 and sum(g2["share"].values()) == pytest.approx(1.0)
     assert g2["swapped_references"]["n"] == 2 and 0.0 <= g2["answer_unchanged_when_swapped"] <= 1.0
+    sig = run_bench("gates.py", "signal", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root),
+                    "--n", "3", "--max-tokens", "8")
+    (k2,) = sig["by_k"].values()  # only the 2-concept split: the signal is about several concepts
+    assert k2["prompts"] == 2
+    assert 0.0 <= k2["sampled_recall"] <= k2["best_of_n_recall"] <= 1.0
 
 
 def test_first_name_choice_tells_wrong_binding_from_mixed_syllables():
@@ -72,3 +77,18 @@ def test_binding_accuracy_counts_exact_names_and_tells_wrong_reference_apart():
     got = binding_accuracy(["Garfu", "<Funmi>.", "Farfu", ""], samples)
     assert got["accuracy"] == 0.25 and got["n"] == 4
     assert got["share"] == {"right": 0.25, "other_reference": 0.25, "other": 0.5}
+
+
+def test_attributes_next_to_names_checks_the_named_concepts_own_words():
+    from bench.gates import attributes_next_to_names
+
+    sample = SimpleNamespace(concepts=["Holri", "Durro"], objects=[
+        {"name": "Holri", "colour": "purple", "pattern": "striped", "category": "car"},
+        {"name": "Durro", "colour": "cyan", "pattern": "checkered", "category": "car"},
+        {"name": None, "colour": "white", "pattern": "dotted", "category": "shoe"}])
+    counts = [0, 0]
+    # Holri right; Durro with Holri's words; Durro again, right; a sentence without a name.
+    attributes_next_to_names("Holri the purple striped car is at the top left. Durro, my purple "
+                             "striped car, rests here. There is Durro the cyan checkered car. "
+                             "A white dotted shoe.", sample, counts)
+    assert counts == [2, 3]

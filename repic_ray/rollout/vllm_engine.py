@@ -163,7 +163,7 @@ class VLLMRolloutEngine:
             seed=None if sampling.seed is None else request_seed(sampling.seed, request.uid),
             # Without stop strings nothing needs the text while decoding: vLLM's incremental
             # detokenizer (and the decoding of every log-prob's token) is skipped and each
-            # completion is decoded once at the end (`_result`), ~5 % more samples/s on CPU.
+            # completion is decoded once at the end (`_result`); 1.01x samples/s on CPU.
             detokenize=bool(sampling.stop),
             logprobs=0,
             logit_bias={t: _BLOCK_BIAS for t in self._blocked} if sampling.block_vision_tokens else None,

@@ -25,3 +25,15 @@ def test_rollout_bench_measures_both_engines(run_bench, positive):
     assert set(out["setup"]["vllm_warmup_s"]) == {str(c) for c in (1, 2) if c <= (os.cpu_count() or 1)}
     # RePIC prompts: reference image(s) and the query
     assert out["setup"]["images_per_prompt_max"] >= 2
+
+
+def test_rollout_variants_time_each_variant_on_the_same_batches(run_bench, positive):
+    out = run_bench("rollout_variants.py", "--model", "tiny:qwen2.5-vl", "--variants", "detokenize,no_detokenize",
+                    "--prompts", "2", "--n", "2", "--max-tokens", "8", "--calls", "2",
+                    "--set", "rollout.enforce_eager", "true")
+    for v in ("detokenize", "no_detokenize"):
+        positive(out[v]["samples_per_s"], "min", "median", "max")
+        assert [c["samples"] for c in out["calls"][v]] == [4, 4]
+    assert out["detokenize"]["ratio_to_first_median"] == 1.0
+    positive(out["no_detokenize"], "ratio_to_first_median")
+    assert out["setup"]["recipe_enforce_eager"] is True

@@ -204,14 +204,16 @@ def attributes_next_to_names(caption: str, sample: Any, counts: list[int]) -> No
     """For every sentence of `caption` naming a present concept, counts[1] += 1, and
     counts[0] += 1 when the sentence also holds that concept's colour, pattern and
     category words (the world's captions say "Bo the red striped dog ...")."""
+    from repic_ray.matching import find_names
+
     objects = {o["name"]: o for o in sample.objects or [] if o.get("name")}
+    present = [n for n in sample.concepts or [] if n in objects]
     for sentence in re.split(r"(?<=[.!?])\s+", caption):
         words = set(re.findall(r"[a-z]+", sentence.lower()))
-        for name in sample.concepts or []:
-            if name in objects and re.search(rf"\b{re.escape(name)}\b", sentence, re.IGNORECASE):
-                o = objects[name]
-                counts[1] += 1
-                counts[0] += all(o.get(key) in words for key in ("colour", "pattern", "category"))
+        for name in find_names(sentence, present):
+            o = objects[name]
+            counts[1] += 1
+            counts[0] += all(o.get(key) in words for key in ("colour", "pattern", "category"))
 
 
 def gate_signal(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,7 +11,8 @@ per-round ratios to the first variant.
     python bench/rollout_variants.py --variants eager,compiled --out bench/results/rollout_variants_compile.json
     # vLLM's incremental detokenizer on (a stop string that never occurs keeps it on) vs
     # off (the engine's default without stop strings: each completion decoded at the end)
-    python bench/rollout_variants.py --variants detokenize,no_detokenize --out bench/results/rollout_variants_detokenize.json
+    python bench/rollout_variants.py --variants detokenize,no_detokenize \
+        --out bench/results/rollout_variants_detokenize.json
 """
 
 from __future__ import annotations

@@ -147,8 +147,9 @@ class VLLMRolloutEngine:
             prompts, params, lora_request=self._lora_request, use_tqdm=False
         )
         if sampling.greedy_member:
-            return [self._result(r, outputs[2 * i], outputs[2 * i + 1]) for i, r in enumerate(requests)]
-        return [self._result(r, out) for r, out in zip(requests, outputs)]
+            return [self._result(r, sampling, outputs[2 * i], outputs[2 * i + 1])
+                    for i, r in enumerate(requests)]
+        return [self._result(r, sampling, out) for r, out in zip(requests, outputs)]
 
     def _sampling_params(self, request: RolloutRequest, sampling: SamplingConfig, n: int,
                          greedy: bool = False):
@@ -169,7 +170,7 @@ class VLLMRolloutEngine:
             logit_bias={t: _BLOCK_BIAS for t in self._blocked} if sampling.block_vision_tokens else None,
         )
 
-    def _result(self, request: RolloutRequest, *outs: Any) -> RolloutResult:
+    def _result(self, request: RolloutRequest, sampling: SamplingConfig, *outs: Any) -> RolloutResult:
         completions = []
         for c in [c for out in outs for c in sorted(out.outputs, key=lambda c: c.index)]:
             token_ids = list(c.token_ids)
@@ -181,7 +182,8 @@ class VLLMRolloutEngine:
             logprobs = [float(step[tok].logprob) for tok, step in zip(token_ids, c.logprobs)]
             completions.append(
                 Completion(
-                    text=c.text if c.text or not token_ids else self._decode(token_ids),
+                    # vLLM wrote the text (cut at a stop string) only when asked to detokenize
+                    text=c.text if sampling.stop else self._decode(token_ids),
                     token_ids=token_ids,
                     logprobs=logprobs,
                     finish_reason=str(c.finish_reason),

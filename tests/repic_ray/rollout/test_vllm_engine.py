@@ -140,6 +140,21 @@ def test_stop_string_cuts_text_and_sampling(engine, requests, sampled):
     assert len(cut.token_ids) < len(full.token_ids) or full.finish_reason == "stop"
 
 
+def test_stop_string_at_the_start_leaves_an_empty_text(engine, requests, sampled):
+    # A stop string that opens a completion cuts its text to "": the engine keeps vLLM's
+    # empty text rather than decoding the tokens sampled up to the stop.
+    full = next((c for r in sampled for c in r.completions if c.text[:3].strip() == c.text[:3]), None)
+    if full is None:
+        pytest.skip("no sampled completion opens with three visible characters")
+    req = next(r for r, res in zip(requests, sampled) if full in res.completions)
+    index = next(i for r in sampled if r.uid == req.uid for i, c in enumerate(r.completions) if c is full)
+    n = SAMPLING.n if req.n is None else req.n
+    (res,) = engine.generate([req], SamplingConfig(n=n, max_tokens=8, seed=0, stop=[full.text[:3]]))
+    cut = res.completions[index]
+    assert cut.finish_reason == "stop" and cut.token_ids
+    assert cut.text == ""
+
+
 def test_text_decoded_at_the_end_equals_vllms_incremental_detokenizer(engine, requests, sampled):
     # Without stop strings the engine skips vLLM's detokenizer and decodes each completion
     # once; a stop string that never occurs keeps vLLM detokenizing as it samples. Same

@@ -45,6 +45,7 @@ from actors.workers import WeightsRef
 from recipes.sft import make_sft_batch, sft_samples
 from repic_ray import checkpoints
 from repic_ray.config import dump_yaml, to_dict
+from repic_ray.evaluation import binding
 from repic_ray.evaluation.quality import repeated_ngram_rate, split_quality
 from repic_ray.models.loading import load_processor, resolve_checkpoint
 from repic_ray.pipeline.config import ExperimentConfig
@@ -322,11 +323,14 @@ def training_step(run: Run) -> dict[str, float]:
 
 def evaluate(run: Run, tag: str) -> dict[str, Any]:
     """Greedy captions of every held-out split: RePIC's precision / recall / F1 per split
-    (`k{k}`), and caption quality against the references per split and pooled (`quality`)."""
+    (`k{k}`), caption quality against the references per split and pooled (`quality`), and
+    where the samples know their concepts' categories, whether each name sits on its own
+    object (`binding`, per split and over k >= 3: `repic_ray.evaluation.binding`)."""
     cfg, out = run.cfg, run.out / "eval" / tag
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
     quality_in: dict[str, tuple] = {}
+    bound: dict[str, dict[str, float]] = {}
     for k, split in sorted(run.data.eval_splits.items()):
         pairs = [make_request(f"eval{k}:{i}", s, run.processor, cfg.trainer.seed, 1) for i, s in enumerate(split)]
         requests = [r for r, _ in pairs]
@@ -336,12 +340,18 @@ def evaluate(run: Run, tag: str) -> dict[str, Any]:
         rollout_worker_metrics(run.handles.rollout)  # reset the workers' counters: not training samples
         records = caption_records(split, texts, [p.text for _, p in pairs])
         summary[f"k{k}"] = evaluate_split_metrics(records, out / f"captions_k{k}.json", run.data.candidates)
+        counts = binding.binding_counts(texts, split)
+        if counts is not None:
+            bound[f"k{k}"] = counts
         refs = [sample_references(s) for s in split]
         if all(refs):
             at_cap = [results[r.uid].completions[0].finish_reason == "length" for r in requests]
             quality_in[f"k{k}"] = (texts, refs, at_cap)
     if quality_in:
         summary["quality"] = split_quality(quality_in)
+    if bound:
+        k3plus = binding.pool([v for k, v in bound.items() if int(k[1:]) >= 3])
+        summary["binding"] = {**bound, **({"k3plus": k3plus} if k3plus else {})}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     log.info("evaluation %s: %s", tag, _eval_line(summary))
     return summary
@@ -351,7 +361,7 @@ def _eval_line(summary: dict[str, Any]) -> str:
     """One line per evaluation: F1 of each split (percent)."""
     parts = []
     for split, m in summary.items():
-        if split == "quality":
+        if split in ("quality", "binding"):
             continue
         f1 = m.get("f1") if isinstance(m, dict) else None
         parts.append(f"{split} F1 {100 * f1:.1f}" if isinstance(f1, (int, float)) else split)
@@ -359,10 +369,15 @@ def _eval_line(summary: dict[str, Any]) -> str:
 
 
 def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
-    """One evaluation as flat metrics: `eval/{split}/{p,r,f1}` and `eval/quality/{split}/{metric}`."""
+    """One evaluation as flat metrics: `eval/{split}/{p,r,f1}`, `eval/quality/{split}/{metric}`
+    and `eval/binding/{split}/{bound_rate,named_bound_rate,misbound_per_caption}`."""
     out: dict[str, float] = {}
     for split, m in summary.items():
-        if split == "quality":
+        if split == "binding":
+            for where, scores in m.items():
+                out.update({f"eval/binding/{where}/{key}": float(scores[key])
+                            for key in ("bound_rate", "named_bound_rate", "misbound_per_caption")})
+        elif split == "quality":
             for where, scores in m.items():
                 out.update({f"eval/quality/{where}/{key}": float(v) for key, v in scores.items()})
         else:

@@ -134,6 +134,26 @@ def count_mentions(
     return counts
 
 
+def name_spans(
+    caption: str, names: Iterable[str], *, case_sensitive: bool = False
+) -> list[tuple[int, int, str]]:
+    """Every mention of `names` in `caption` as (start, end, name), in text order, matched as
+    `find_names` matches in the default mode; where two names overlap ("Miss Daisy" and
+    "Daisy") the longer mention wins."""
+    hits: list[tuple[int, int, str]] = []
+    for name in dict.fromkeys(names):
+        pattern = _name_pattern(name, case_sensitive)
+        if pattern is not None:
+            hits += [(m.start(), m.end(), name) for m in pattern.finditer(caption)]
+    hits.sort(key=lambda h: (h[0], -(h[1] - h[0])))
+    out: list[tuple[int, int, str]] = []
+    for hit in hits:
+        if out and hit[0] < out[-1][1]:
+            continue
+        out.append(hit)
+    return out
+
+
 def split_found(
     found: Iterable[str], gt_names: Sequence[str], case_sensitive: bool = False
 ) -> tuple[set[str], set[str]]:

@@ -23,21 +23,41 @@ term a caption that names a second object with a name it already used correctly
 ("Kadki the orange car ... Kadki the blue shoe") loses nothing, while guessing the
 second object's name risks the wrong-name penalty, so RL learns to repeat names.
 
+`grounding` ("category") counts a present concept as recalled only where one of its
+mentions is followed, before the next name or the end of its sentence, by the concept's
+category word (`RewardInput.categories`, given when a concept is registered: "Bo the red
+dog", not "Bo the blue mug" when Bo is a dog). Without it a caption that writes a present
+name on another object ("Bo the mug ... Bo the dog") earns full recall for names it did not
+bind to what it describes; with it only the naming the image supports is rewarded, the
+multi-concept binding that the name count alone cannot see. Mentions of a present concept
+followed by another reference's category and not its own are logged as
+"name/misbound". Concepts without a category entry fall back to the plain match.
+
 Samples whose image has no concepts: recall is undefined; the reward is then
 −λ·|wrong| ("recall_minus_wrong") or 1 if nothing is named else 0 ("f1").
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from repic_ray.matching import MODES, count_mentions, find_names, name_key, split_found
+from repic_ray.matching import (
+    MODES,
+    count_mentions,
+    find_names,
+    name_key,
+    name_spans,
+    split_found,
+)
 from repic_ray.rewards.base import CAPTION_TASKS, RewardInput, RewardOutput, caption_mask_B
 
 NAME_REWARD_MODES = ("f1", "recall_minus_wrong")
+GROUNDING_MODES = ("none", "category")
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
 
 
 @dataclass
@@ -54,6 +74,10 @@ class NameRewardConfig:
     """Name matcher mode: "default" (whole-word phrases) or "compat" (RePIC's token match)."""
     case_sensitive: bool = False
     """Match names with exact letter case."""
+    grounding: str = "none"
+    """"none" (a present name anywhere counts) or "category" (a present concept counts only
+    where its name is followed, before the next name or the sentence's end, by its category
+    word; needs the concepts' categories, as the detector reward does)."""
 
     def __post_init__(self) -> None:
         if self.mode not in NAME_REWARD_MODES:
@@ -62,6 +86,12 @@ class NameRewardConfig:
             raise ValueError(f"wrong_penalty: must be >= 0, got {self.wrong_penalty}")
         if self.repeat_penalty < 0:
             raise ValueError(f"repeat_penalty: must be >= 0, got {self.repeat_penalty}")
+        if self.grounding not in GROUNDING_MODES:
+            raise ValueError(
+                f"grounding: must be one of {GROUNDING_MODES}, got {self.grounding!r}"
+            )
+        if self.grounding != "none" and self.match_mode != "default":
+            raise ValueError("grounding: needs match_mode 'default' (mentions with positions)")
         if self.match_mode not in MODES:
             raise ValueError(f"match_mode: must be one of {MODES}, got {self.match_mode!r}")
 
@@ -80,6 +110,57 @@ def name_scores(
     correct, wrong = split_found(found, concept_names, case_sensitive)
     n_gt = len({name_key(c, case_sensitive) for c in concept_names})
     return len(correct), len(wrong), n_gt
+
+
+def _category_of(name: str, categories: dict[str, str], case_sensitive: bool) -> str | None:
+    key = name_key(name, case_sensitive)
+    for other, category in categories.items():
+        if name_key(other, case_sensitive) == key:
+            return category
+    return None
+
+
+def grounded_names(
+    caption: str,
+    concept_names: Sequence[str],
+    candidate_names: Sequence[str],
+    categories: dict[str, str],
+    case_sensitive: bool = False,
+) -> tuple[set[str], int]:
+    """(keys of present concepts named with their own category, misbound mentions).
+
+    A mention's description is the text from the name to the next name or the end of its
+    sentence; it grounds the concept when it holds the concept's category as a whole word
+    (a plural "s" allowed). A present concept without a category entry is grounded by any
+    mention. A misbound mention is one of a present concept whose description holds another
+    reference's category and not its own.
+    """
+    names = [*concept_names, *candidate_names]
+    present = {name_key(c, case_sensitive) for c in concept_names}
+    spans = name_spans(caption, names, case_sensitive=case_sensitive)
+    grounded: set[str] = set()
+    misbound = 0
+    cats = {name_key(n, case_sensitive): _category_of(n, categories, case_sensitive)
+            for n in names}
+    for i, (_, end, name) in enumerate(spans):
+        key = name_key(name, case_sensitive)
+        if key not in present:
+            continue
+        own = cats.get(key)
+        if own is None:
+            grounded.add(key)
+            continue
+        stop = spans[i + 1][0] if i + 1 < len(spans) else len(caption)
+        sentence_end = _SENTENCE_END.search(caption, end)
+        if sentence_end is not None:
+            stop = min(stop, sentence_end.start())
+        words = set(re.findall(r"[a-z]+", caption[end:stop].lower()))
+        words |= {w[:-1] for w in words if w.endswith("s")}
+        if own.lower() in words:
+            grounded.add(key)
+        elif any(c is not None and c.lower() in words for c in cats.values()):
+            misbound += 1
+    return grounded, misbound
 
 
 def name_repeats(
@@ -103,7 +184,8 @@ class NameReward:
 
     Components: "name" (the reward), "name/precision", "name/recall", "name/wrong"
     (count of wrongly named references), "name/repeats" (mentions of a reference name
-    beyond its first).
+    beyond its first), and with grounding "name/misbound" (mentions of a present concept
+    described as another reference's category).
     """
 
     def __init__(
@@ -115,7 +197,7 @@ class NameReward:
     def __call__(self, batch: Sequence[RewardInput]) -> RewardOutput:
         cfg = self.cfg
         B = len(batch)
-        reward_B, prec_B, rec_B, wrong_B, rep_B = (np.zeros(B) for _ in range(5))
+        reward_B, prec_B, rec_B, wrong_B, rep_B, mis_B = (np.zeros(B) for _ in range(6))
         mask_B = caption_mask_B(batch, self.caption_tasks)
         for i, x in enumerate(batch):
             if not mask_B[i]:
@@ -124,6 +206,12 @@ class NameReward:
                 x.completion, x.concept_names, x.candidate_names, cfg.match_mode, cfg.case_sensitive
             )
             named = correct + wrong
+            if cfg.grounding == "category":
+                keys, mis_B[i] = grounded_names(
+                    x.completion, x.concept_names, x.candidate_names, x.categories,
+                    cfg.case_sensitive,
+                )
+                correct = len(keys)
             precision = correct / named if named else 0.0
             recall = correct / n_gt if n_gt else 0.0
             if cfg.mode == "f1":
@@ -149,5 +237,6 @@ class NameReward:
                 "name/recall": rec_B,
                 "name/wrong": wrong_B,
                 "name/repeats": rep_B,
+                **({"name/misbound": mis_B} if cfg.grounding != "none" else {}),
             },
         )

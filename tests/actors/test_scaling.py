@@ -20,7 +20,7 @@ def test_one_two_four_rollout_workers_give_identical_seeded_rollouts(ray_local, 
     cfg = load_config(ExperimentConfig, "configs/tiny_cpu.yaml", [
         "--learner.model", "tiny:qwen2.5-vl", "--cluster.num_rollout_workers", "4",
         "--cluster.rollout.num_cpus", "0.5", "--sampling.max_tokens", "16", "--algo.group_size", "2",
-        "--rollout.kv_cache_gib", "0.25",
+        "--rollout.kv_cache_gib", "0.25", "--rollout.enforce_eager", "true",
         "--trainer.output_dir", str(tmp_path),
     ])
     cfg = train.prepare_config(cfg)

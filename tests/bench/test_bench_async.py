@@ -9,7 +9,8 @@ pytestmark = pytest.mark.slow
 
 def test_async_bench_runs_both_modes(run_bench, positive):
     out = run_bench("bench_async.py", "--model", "tiny:qwen2.5-vl", "--prompts", "2", "--group", "2",
-                    "--max-tokens", "8", "--steps", "2", "--warmup", "1")
+                    "--max-tokens", "8", "--steps", "2", "--warmup", "1",
+                    "--set", "rollout.enforce_eager", "true")
     for mode in ("sync", "async"):
         positive(out[mode], "seconds", "seconds_per_step", "samples_per_s")
         assert out[mode]["steps"] == 2

@@ -9,7 +9,8 @@ pytestmark = pytest.mark.slow
 
 def test_profile_step_times_the_step_and_its_parts(run_bench, positive):
     out = run_bench("profile_step.py", "--model", "tiny:qwen2.5-vl", "--prompts", "2", "--group", "2",
-                    "--max-tokens", "8", "--steps", "1", "--warmup", "1", "--repeats", "2")
+                    "--max-tokens", "8", "--steps", "1", "--warmup", "1", "--repeats", "2",
+                    "--set", "rollout.enforce_eager", "true")
     positive(out["pipeline_step"]["step_seconds"], "median")
     positive(out["pipeline_step"]["phases_median"], "generate", "train")
     for part in ("generate_via_actor", "generate_direct_base", "generate_direct_lora", "generate_direct_merged",

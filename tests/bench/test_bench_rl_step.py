@@ -9,7 +9,8 @@ pytestmark = pytest.mark.slow
 
 def test_rl_step_bench_measures_ours_and_trl(run_bench, positive):
     out = run_bench("bench_rl_step.py", "--model", "tiny:qwen2.5-vl", "--prompts", "2", "--group", "4",
-                    "--max-tokens", "8", "--steps", "1", "--warmup", "1", "--rounds", "1")
+                    "--max-tokens", "8", "--steps", "1", "--warmup", "1", "--rounds", "1",
+                    "--set", "rollout.enforce_eager", "true")
     for system in ("ours", "ours_async", "trl"):
         positive(out[system]["step_seconds"], "min", "median", "max")
         positive(out[system], "samples_per_s_median", "completion_tokens_mean")

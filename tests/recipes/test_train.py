@@ -49,6 +49,8 @@ def tiny_cfg(tmp_path, **over) -> ExperimentConfig:
         # SFT captions mixed into each update (PPO-ptx): drawn, sharded and resumed like prompts
         "--algo.ptx_coef", "0.1",
         "--algo.ptx_batch_size", "4",
+        # eager vLLM: these tests restart engines; compiling each adds ~15 s and tests nothing here
+        "--rollout.enforce_eager", "true",
     ]
     for key, value in over.items():
         args += [f"--{key}", str(value)]

@@ -69,3 +69,12 @@ def test_count_mentions_counts_every_occurrence_as_find_names_matches():
     assert count_mentions(cap, ["Bo"], case_sensitive=True) == {"Bo": 2}
     # compat: whitespace tokens, so "Bo's" is not Bo
     assert count_mentions(cap, ["<Bo>"], mode="compat") == {"<Bo>": 2}
+
+
+def test_name_spans_in_text_order_longer_name_wins():
+    from repic_ray.matching import name_spans
+
+    text = "Miss Daisy met Bo. Daisy and <Bo> left."
+    spans = name_spans(text, ["Daisy", "Bo", "Miss Daisy"])
+    assert [(text[s:e], n) for s, e, n in spans] == [
+        ("Miss Daisy", "Miss Daisy"), ("Bo", "Bo"), ("Daisy", "Daisy"), ("<Bo>", "Bo")]

@@ -98,3 +98,41 @@ def test_recall_agrees_with_the_evaluation_metric():
     out = NameReward()([_x(c, g) for c, g in rows])
     for (caption, gt), recall in zip(rows, out.components["name/recall"]):
         assert evaluate_names([caption], [gt], candidates=REFS).overall.recall == recall
+
+
+def test_category_grounding_rewards_only_names_bound_to_their_own_object():
+    cfg = NameRewardConfig(mode="recall_minus_wrong", grounding="category")
+    cats = {"<Bo>": "dog", "<Anya>": "mug"}
+
+    def x(caption):
+        return RewardInput(caption, concept_names=["<Bo>", "<Anya>"], candidate_names=REFS,
+                           categories=cats)
+
+    batch = [
+        # Both named, each followed by its own category: full recall.
+        x("Bo the red dog sits at the top. You can see Anya, the blue mug, at the left."),
+        # Bo's name used on the mug and Anya's never written: Bo still grounded by its dog.
+        x("Bo the red dog sits at the top. Bo the blue mug is at the left."),
+        # Both names, swapped onto each other's objects: nothing grounded, two misbound.
+        x("Bo the blue mug is at the left. Anya, the red dog, sits at the top."),
+        # The category in the next sentence does not ground the name.
+        x("Here is Bo. A red dog sits at the top. Anya the blue mug is at the left."),
+        # Plural category and a possessive still count.
+        x("Anya's mugs are blue; Bo the dogs."),
+    ]
+    out = NameReward(cfg)(batch)
+    np.testing.assert_allclose(out.components["name/recall"], [1.0, 0.5, 0.0, 0.5, 1.0])
+    np.testing.assert_allclose(out.components["name/misbound"], [0, 1, 2, 0, 0])
+    plain = NameReward(NameRewardConfig(mode="recall_minus_wrong"))(batch)
+    np.testing.assert_allclose(plain.components["name/recall"], [1.0, 0.5, 1.0, 1.0, 1.0])
+    assert "name/misbound" not in plain.components
+
+
+def test_category_grounding_falls_back_to_plain_match_without_a_category():
+    cfg = NameRewardConfig(grounding="category")
+    x = RewardInput("Bo smiles.", concept_names=["<Bo>"], candidate_names=REFS)
+    assert NameReward(cfg)([x]).rewards_B[0] == 1.0
+    with pytest.raises(ValueError, match="grounding"):
+        NameRewardConfig(grounding="colour")
+    with pytest.raises(ValueError, match="match_mode"):
+        NameRewardConfig(grounding="category", match_mode="compat")

@@ -56,6 +56,19 @@ def name_scores(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, An
     return {"overall": overall.as_dict(), "by_k": {k: m.as_dict() for k, m in sorted(by_k.items())}}
 
 
+def binding_by_k(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, Any]:
+    """`repic_ray.evaluation.binding` per number of concepts k: the share of present concepts
+    named with their own category (a right name on another object does not count)."""
+    from repic_ray.evaluation.binding import binding_counts
+
+    by_k: dict[int, tuple[list, list]] = {}
+    for caption, s in zip(captions, samples, strict=True):
+        by_k.setdefault(len(s.concepts or []), ([], []))
+        by_k[len(s.concepts or [])][0].append(caption)
+        by_k[len(s.concepts or [])][1].append(s)
+    return {k: binding_counts(caps, ss) for k, (caps, ss) in sorted(by_k.items())}
+
+
 def first_name_choice(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:
     """For single-concept samples: what the first pool-style name in the caption is --
     the present concept's name ("right"), another reference's ("other_reference"), a
@@ -188,6 +201,7 @@ def gate_names(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     captions = _generate(args.checkpoint, samples, args.max_tokens, args.batch_size)
     result["names"] = name_scores(captions, samples)
+    result["binding"] = binding_by_k(captions, samples)
     result["first_name_choice_single"] = first_name_choice(captions, samples)
     result["captions"] = [{"refs": s.ref_names, "present": s.concepts, "caption": c}
                           for s, c in zip(samples, captions)]

@@ -134,6 +134,12 @@ class WorldConfig:
     reward gives 0 below 100 characters)."""
     cell_px: int = 28
     """Cell size in pixels; 28 px is one Qwen2.5-VL vision token. Query = 3 cells square."""
+    caption_style: str = "name_first"
+    """How captions (SFT targets and reference captions) word a concept: "name_first"
+    ("Bo the red striped dog sits at the top.", concepts before distractors) or
+    "object_first" (every object in reading order, each concept described and then named:
+    "The red striped dog at the top is Bo."); `make_caption`. Images and every other draw
+    are the same for both."""
 
     def __post_init__(self) -> None:
         if self.names not in NAME_MODES:
@@ -145,6 +151,10 @@ class WorldConfig:
         for name in ("num_train", "num_sft", "num_sft_aux", "num_sft_who", "num_eval_per_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.caption_style not in CAPTION_STYLES:
+            raise ValueError(
+                f"caption_style: must be one of {list(CAPTION_STYLES)}, got {self.caption_style!r}"
+            )
         if not 0.0 <= self.sft_single_fraction <= 1.0:
             raise ValueError(f"sft_single_fraction: must be in [0, 1], got {self.sft_single_fraction}")
         if not 1 <= self.max_concepts_per_image <= GRID * GRID:
@@ -365,11 +375,25 @@ def _position_phrase(cell: int, rng: random.Random) -> str:
 _VERBS = ("sits", "stands", "rests", "lies", "is")
 
 
-def _concept_sentence(o: WorldObject, rng: random.Random) -> str:
+CAPTION_STYLES = ("name_first", "object_first")
+
+
+def _concept_sentence(o: WorldObject, rng: random.Random, style: str = "name_first") -> str:
     desc = f"{o.colour} {o.pattern} {o.category}"
     where = _position_phrase(o.cell, rng)
     verb = rng.choice(_VERBS)
     form = rng.randrange(5)
+    if style == "object_first":
+        a = _article(desc)
+        if form == 0:
+            return f"{a.capitalize()} {desc} {verb} {where}: that is {o.name}."
+        if form == 1:
+            return f"{where[0].upper()}{where[1:]} {verb} {a} {desc}, {o.name}."
+        if form == 2:
+            return f"The {desc} {where} is {o.name}."
+        if form == 3:
+            return f"There is {a} {desc} {where}, my {o.name}."
+        return f"You can see {a} {desc} {where}; it is {o.name}."
     if form == 0:
         return f"{o.name} the {desc} {verb} {where}."
     if form == 1:
@@ -400,9 +424,18 @@ _FILLERS = (
 )
 
 
-def make_caption(objects: list[WorldObject], rng: random.Random, *, min_chars: int = 100) -> str:
+def make_caption(objects: list[WorldObject], rng: random.Random, *, min_chars: int = 100,
+                 style: str = "name_first") -> str:
     """A natural caption naming every concept with its category, colour, pattern and position,
-    and describing the distractors; padded with scene sentences to `min_chars`."""
+    and describing the distractors; padded with scene sentences to `min_chars`.
+
+    `style` "name_first": the concepts' sentences, each opening with the name ("Bo the red
+    striped dog sits at the top."), then the distractors'. "object_first": every object in
+    reading order (top left to bottom right), a concept described first and named after
+    ("The red striped dog at the top is Bo."), so a model writing it decides which reference
+    an object is once it has described that object. Both draw the same random numbers."""
+    if style not in CAPTION_STYLES:
+        raise ValueError(f"style: must be one of {CAPTION_STYLES}, got {style!r}")
     n = len(objects)
     count = f"{_COUNT_WORDS[n]} {'object' if n == 1 else 'objects'}"
     openings = (
@@ -414,9 +447,12 @@ def make_caption(objects: list[WorldObject], rng: random.Random, *, min_chars: i
     parts = [rng.choice(openings)]
     concepts = [o for o in objects if o.name is not None]
     distractors = [o for o in objects if o.name is None]
-    parts += [_concept_sentence(o, rng) for o in concepts]
+    said = [(o.cell, _concept_sentence(o, rng, style)) for o in concepts]
     forms = rng.sample(range(3), 3)  # different wording for each distractor
-    parts += [_distractor_sentence(o, forms[i % 3], rng) for i, o in enumerate(distractors)]
+    said += [(o.cell, _distractor_sentence(o, forms[i % 3], rng)) for i, o in enumerate(distractors)]
+    if style == "object_first":
+        said.sort(key=lambda x: x[0])
+    parts += [sentence for _, sentence in said]
     fillers = list(_FILLERS)
     rng.shuffle(fillers)
     caption = " ".join(p for p in parts if p)
@@ -595,11 +631,12 @@ class _World:
         objects = self.make_scene(present, names, query, exclude=absent)
         present_names = [o.name for o in objects if o.name is not None]
         mc = self.cfg.min_caption_chars
-        optional: dict[str, Any] = {"target": make_caption(objects, self.rng, min_chars=mc)}
+        style = self.cfg.caption_style
+        optional: dict[str, Any] = {"target": make_caption(objects, self.rng, min_chars=mc, style=style)}
         if num_captions:
             caps: list[str] = []
             for _ in range(50 * num_captions):
-                cap = make_caption(objects, self.rng, min_chars=mc)
+                cap = make_caption(objects, self.rng, min_chars=mc, style=style)
                 if cap not in caps:
                     caps.append(cap)
                 if len(caps) == num_captions:
@@ -621,7 +658,8 @@ class _World:
         for _ in range(50 * self.cfg.num_reference_captions):
             if len(caps) == self.cfg.num_reference_captions:
                 break
-            cap = make_caption(objects, rng, min_chars=self.cfg.min_caption_chars)
+            cap = make_caption(objects, rng, min_chars=self.cfg.min_caption_chars,
+                               style=self.cfg.caption_style)
             if cap not in caps:
                 caps.append(cap)
         return caps

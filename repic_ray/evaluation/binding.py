@@ -5,8 +5,9 @@ RePIC's metric counts a present concept as recalled when its name occurs anywher
 caption. A caption that writes the right names on the wrong objects ("Bo the blue mug"
 when Bo is the red dog and the mug is Anya) scores full recall. Where the evaluation
 samples know each concept's category (the synthetic world's `objects`, or a registered
-concept's category), a present concept is *bound* when one of its mentions is followed,
-before the next name or the end of its sentence, by its own category word
+concept's category), a present concept is *bound* when the sentence of one of its
+mentions, cut at the other names in it, holds its own category word ("Bo the red dog
+sits at the top." or "The red dog at the top is Bo.")
 (`repic_ray.rewards.names.grounded_names`, the same rule as the reward's grounding).
 
 Per set of captions:

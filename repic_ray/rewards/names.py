@@ -23,14 +23,14 @@ term a caption that names a second object with a name it already used correctly
 ("Kadki the orange car ... Kadki the blue shoe") loses nothing, while guessing the
 second object's name risks the wrong-name penalty, so RL learns to repeat names.
 
-`grounding` ("category") counts a present concept as recalled only where one of its
-mentions is followed, before the next name or the end of its sentence, by the concept's
+`grounding` ("category") counts a present concept as recalled only where the sentence of
+one of its mentions, cut at the names before and after it, holds the concept's
 category word (`RewardInput.categories`, given when a concept is registered: "Bo the red
 dog", not "Bo the blue mug" when Bo is a dog). Without it a caption that writes a present
 name on another object ("Bo the mug ... Bo the dog") earns full recall for names it did not
 bind to what it describes; with it only the naming the image supports is rewarded, the
 multi-concept binding that the name count alone cannot see. Mentions of a present concept
-followed by another reference's category and not its own are logged as
+described with another reference's category and not its own are logged as
 "name/misbound". Concepts without a category entry fall back to the plain match.
 
 Samples whose image has no concepts: recall is undefined; the reward is then
@@ -76,8 +76,8 @@ class NameRewardConfig:
     """Match names with exact letter case."""
     grounding: str = "none"
     """"none" (a present name anywhere counts) or "category" (a present concept counts only
-    where its name is followed, before the next name or the sentence's end, by its category
-    word; needs the concepts' categories, as the detector reward does)."""
+    where a sentence naming it, cut at the other names in it, holds its category word;
+    needs the concepts' categories, as the detector reward does)."""
 
     def __post_init__(self) -> None:
         if self.mode not in NAME_REWARD_MODES:
@@ -129,11 +129,12 @@ def grounded_names(
 ) -> tuple[set[str], int]:
     """(keys of present concepts named with their own category, misbound mentions).
 
-    A mention's description is the text from the name to the next name or the end of its
-    sentence; it grounds the concept when it holds the concept's category as a whole word
-    (a plural "s" allowed). A present concept without a category entry is grounded by any
-    mention. A misbound mention is one of a present concept whose description holds another
-    reference's category and not its own.
+    A mention's description is the rest of its sentence, cut at the names before and after
+    it in that sentence ("Bo the red dog sits at the top." and "The red dog at the top is
+    Bo." both describe Bo as a dog); it grounds the concept when it holds the concept's
+    category as a whole word (a plural "s" allowed). A present concept without a category
+    entry is grounded by any mention. A misbound mention is one of a present concept whose
+    description holds another reference's category and not its own.
     """
     names = [*concept_names, *candidate_names]
     present = {name_key(c, case_sensitive) for c in concept_names}
@@ -142,7 +143,8 @@ def grounded_names(
     misbound = 0
     cats = {name_key(n, case_sensitive): _category_of(n, categories, case_sensitive)
             for n in names}
-    for i, (_, end, name) in enumerate(spans):
+    ends = [m.start() + 1 for m in _SENTENCE_END.finditer(caption)]
+    for i, (start, end, name) in enumerate(spans):
         key = name_key(name, case_sensitive)
         if key not in present:
             continue
@@ -150,11 +152,14 @@ def grounded_names(
         if own is None:
             grounded.add(key)
             continue
-        stop = spans[i + 1][0] if i + 1 < len(spans) else len(caption)
-        sentence_end = _SENTENCE_END.search(caption, end)
-        if sentence_end is not None:
-            stop = min(stop, sentence_end.start())
-        words = set(re.findall(r"[a-z]+", caption[end:stop].lower()))
+        lo = max([0, *(e for e in ends if e <= start)])
+        hi = min([len(caption), *(e for e in ends if e > end - 1)])
+        if i > 0:
+            lo = max(lo, spans[i - 1][1])
+        if i + 1 < len(spans):
+            hi = min(hi, spans[i + 1][0])
+        text = caption[lo:start] + " " + caption[end:hi]
+        words = set(re.findall(r"[a-z]+", text.lower()))
         words |= {w[:-1] for w in words if w.endswith("s")}
         if own.lower() in words:
             grounded.add(key)

@@ -50,6 +50,8 @@ def test_gates_run_end_to_end(run_bench, tmp_path):
     res = run_bench("gates.py", "names", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root),
                     "--max-tokens", "8", "--max-yes-no", "2")
     assert res["names"]["overall"]["slots"] == 2 * 1 + 2 * 2 and res["yes_no"]["n"] == 2
+    assert set(res["binding"]) == {"1", "2"}  # JSON keys
+    assert res["binding"]["2"]["concepts"] == 4 and 0 <= res["binding"]["2"]["bound_rate"] <= 1
     g2 = run_bench("gates.py", "g2", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root))
     assert g2["n"] == 2 and len(g2["answers"]) == 2 and sum(g2["share"].values()) == pytest.approx(1.0)
     assert g2["swapped_references"]["n"] == 2 and 0.0 <= g2["answer_unchanged_when_swapped"] <= 1.0

@@ -336,3 +336,31 @@ def test_cell_queries_cut_each_query_to_its_concepts_cell(tmp_path):
     check_images(samples=load_samples(tmp_path / "dst" / "train" / "train.jsonl"), decode=False)
     with pytest.raises(ValueError, match="differ"):
         convert(src.root, src.root)
+
+
+def test_object_first_captions_describe_then_name_same_images(tmp_path, open_world):
+    from repic_ray.evaluation.binding import binding_counts
+
+    a = generate_world(tmp_path / "a", seed=3, names="open", num_concepts=20,
+                       caption_style="object_first", **SMALL)
+    digest_a, digest_b = _tree_digest(a.root), _tree_digest(open_world.root)
+    images = [k for k in digest_b if k.endswith(".png")]
+    assert images and all(digest_a[k] == digest_b[k] for k in images)
+    for k, path in a.eval.items():
+        new, old = load_samples(path), load_samples(open_world.eval[k])
+        assert [s.ref_names for s in new] == [s.ref_names for s in old]
+        for s in new:
+            for caption in s.reference_captions:
+                # every concept's name comes after its description, every object in reading order
+                for o in s.objects:
+                    desc = f"{o['colour']} {o['pattern']} {o['category']}"
+                    assert desc in caption
+                    if o["name"]:
+                        assert caption.index(desc) < caption.index(o["name"])
+                cells = sorted(s.objects, key=lambda o: o["cell"])
+                at = [caption.index(f"{o['colour']} {o['pattern']} {o['category']}") for o in cells]
+                assert at == sorted(at)
+            # the binding metric reads the description before the name
+            assert binding_counts(s.reference_captions, [s] * len(s.reference_captions))["bound_rate"] == 1.0
+    with pytest.raises(ValueError, match="caption_style"):
+        WorldConfig(caption_style="random")

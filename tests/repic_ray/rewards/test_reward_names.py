@@ -136,3 +136,15 @@ def test_category_grounding_falls_back_to_plain_match_without_a_category():
         NameRewardConfig(grounding="colour")
     with pytest.raises(ValueError, match="match_mode"):
         NameRewardConfig(grounding="category", match_mode="compat")
+
+
+def test_category_grounding_reads_the_description_before_the_name_too():
+    cfg = NameRewardConfig(grounding="category")
+    cats = {"<Bo>": "dog", "<Anya>": "mug"}
+    x = RewardInput("The red dog at the top is Bo. A blue mug lies at the left; it is Anya.",
+                    concept_names=["<Bo>", "<Anya>"], candidate_names=REFS, categories=cats)
+    wrong = RewardInput("The red dog at the top is Anya. A blue mug lies at the left; it is Bo.",
+                        concept_names=["<Bo>", "<Anya>"], candidate_names=REFS, categories=cats)
+    out = NameReward(cfg)([x, wrong])
+    np.testing.assert_allclose(out.components["name/recall"], [1.0, 0.0])
+    np.testing.assert_allclose(out.components["name/misbound"], [0, 2])

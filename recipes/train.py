@@ -351,7 +351,8 @@ def evaluate(run: Run, tag: str) -> dict[str, Any]:
         summary["quality"] = split_quality(quality_in)
     if bound:
         k3plus = binding.pool([v for k, v in bound.items() if int(k[1:]) >= 3])
-        summary["binding"] = {**bound, **({"k3plus": k3plus} if k3plus else {})}
+        summary["binding"] = {**bound, **({"k3plus": k3plus} if k3plus else {}),
+                              "pooled": binding.pool(list(bound.values()))}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     log.info("evaluation %s: %s", tag, _eval_line(summary))
     return summary
@@ -370,7 +371,7 @@ def _eval_line(summary: dict[str, Any]) -> str:
 
 def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
     """One evaluation as flat metrics: `eval/{split}/{p,r,f1}`, `eval/quality/{split}/{metric}`
-    and `eval/binding/{split}/{bound_rate,named_bound_rate,misbound_per_caption}`."""
+    and `eval/binding/{split}/{bound_rate,named_bound_rate,misbound_per_caption,true_descriptions}`."""
     out: dict[str, float] = {}
     for split, m in summary.items():
         if split == "binding":

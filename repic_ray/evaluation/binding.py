@@ -17,14 +17,21 @@ Per set of captions:
     misbound    mentions of a present concept described as another concept's category,
                 per caption
 
+    true_descriptions  of the caption's "<colour> <pattern> <category>" phrases (the
+                synthetic world's attribute words), the share that match an object drawn
+                in the image: a hallucination rate's complement (as CHAIR counts objects
+                that are not in the image), with or without a name next to the phrase
+
 Counts are kept beside the rates so that splits pool by summing.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
+from repic_ray.data.vocab import COLOURS, PATTERNS, SHAPE_CATEGORY
 from repic_ray.rewards.names import grounded_names, name_scores
 
 
@@ -34,12 +41,27 @@ def sample_categories(sample: Any) -> dict[str, str]:
             if isinstance(o, dict) and o.get("name") and o.get("category")}
 
 
+_PHRASE = re.compile(
+    r"(?=\b(" + "|".join(COLOURS) + r") (" + "|".join(PATTERNS) + r") ("
+    + "|".join(sorted(set(SHAPE_CATEGORY.values()))) + r")s?\b)"
+)
+
+
+def descriptions(caption: str, sample: Any) -> tuple[int, int]:
+    """(attribute phrases in `caption`, those matching an object of `sample`)."""
+    drawn = {(o.get("colour"), o.get("pattern"), o.get("category"))
+             for o in getattr(sample, "objects", None) or [] if isinstance(o, dict)}
+    found = [m.groups() for m in _PHRASE.finditer(caption.lower())]
+    return len(found), sum(f in drawn for f in found)
+
+
 def binding_counts(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, float] | None:
     """Counts and rates of `captions` against `samples` (same order); None when no sample
     with concepts carries their categories."""
     if len(captions) != len(samples):
         raise ValueError(f"captions ({len(captions)}) and samples ({len(samples)}) differ in length")
-    counts = {"concepts": 0, "named": 0, "bound": 0, "misbound": 0, "captions": 0}
+    counts = {"concepts": 0, "named": 0, "bound": 0, "misbound": 0, "captions": 0,
+              "described": 0, "described_true": 0}
     for caption, s in zip(captions, samples):
         concepts = list(s.concepts or [])
         cats = sample_categories(s)
@@ -53,15 +75,21 @@ def binding_counts(captions: Sequence[str], samples: Sequence[Any]) -> dict[str,
         counts["bound"] += len(keys)
         counts["misbound"] += misbound
         counts["captions"] += 1
+        described, true = descriptions(caption, s)
+        counts["described"] += described
+        counts["described_true"] += true
     return with_rates(counts) if counts["captions"] else None
 
 
 def with_rates(counts: dict[str, float]) -> dict[str, float]:
-    """`counts` plus the rates `bound_rate`, `named_bound_rate`, `misbound_per_caption`."""
+    """`counts` plus the rates `bound_rate`, `named_bound_rate`, `misbound_per_caption`,
+    `true_descriptions`."""
     out = dict(counts)
     out["bound_rate"] = counts["bound"] / counts["concepts"] if counts["concepts"] else 0.0
     out["named_bound_rate"] = counts["bound"] / counts["named"] if counts["named"] else 0.0
     out["misbound_per_caption"] = counts["misbound"] / counts["captions"] if counts["captions"] else 0.0
+    out["true_descriptions"] = (counts["described_true"] / counts["described"]
+                                if counts["described"] else 0.0)
     return out
 
 
@@ -69,5 +97,5 @@ def pool(parts: Sequence[dict[str, float]]) -> dict[str, float] | None:
     """Several splits' `binding_counts` summed, rates recomputed (None for no parts)."""
     if not parts:
         return None
-    keys = ("concepts", "named", "bound", "misbound", "captions")
+    keys = ("concepts", "named", "bound", "misbound", "captions", "described", "described_true")
     return with_rates({k: sum(p[k] for p in parts) for k in keys})

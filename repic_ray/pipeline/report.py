@@ -78,11 +78,11 @@ def names_quality_table(evals: dict[str, dict[str, Any]]) -> str:
     """One row per evaluation: pooled names (>=3-concept P / R / F1, 1-concept F1) beside
     pooled caption quality (CIDEr-D also on the 1-concept split); where the evaluation
     measured binding, the share of present concepts named with their own category
-    (>=3 concepts and 1 concept)."""
+    (>=3 concepts and 1 concept) and of attribute phrases true to the image (all splits)."""
     pooled = summary_rows(evals)
     with_binding = any("binding" in ev for ev in evals.values())
     head = ["eval", ">=3 P", ">=3 R", ">=3 F1", "1 F1"]
-    head += [">=3 bound", "1 bound"] if with_binding else []
+    head += [">=3 bound", "1 bound", "true desc"] if with_binding else []
     head += ["CIDEr-D", "CIDEr-D k1", "rep-4gram", "words", "at cap"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for tag, ev in evals.items():
@@ -92,6 +92,7 @@ def names_quality_table(evals: dict[str, dict[str, Any]]) -> str:
         if with_binding:
             b = ev.get("binding", {})
             cells += [_fmt(b.get(w, {}).get("bound_rate"), "pct") for w in ("k3plus", "k1")]
+            cells.append(_fmt(b.get("pooled", {}).get("true_descriptions"), "pct"))
         cells += [_fmt(qp.get("cider_d"), "{:.2f}"), _fmt(q1.get("cider_d"), "{:.2f}"),
                   _fmt(qp.get("rep4"), "{:.3f}"), _fmt(qp.get("mean_words"), "{:.1f}"), _fmt(qp.get("at_cap"), "pct")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -214,7 +215,8 @@ def write_report(out: str | Path, evals: dict[str, dict[str, Any]]) -> Path:
         lines += ["## Names and caption quality (pooled)", "",
                   ("Names: RePIC metric, %. Bound: % of the present concepts named with their own "
                   "category (\"Bo the red dog\", not \"Bo the blue mug\"), where the samples know it; "
-                  "a name on the wrong object counts for the RePIC metric, not here. "
+                  "a name on the wrong object counts for the RePIC metric, not here. True desc: % of "
+                  "the captions' colour-pattern-category phrases that match an object in the image. "
                   "Quality against the reference captions: CIDEr-D (0-10), "
                   "repeated word 4-grams per caption, mean words, % of captions at the token limit."), "",
                   names_quality_table(evals)]

@@ -26,6 +26,7 @@ def test_right_names_on_the_wrong_objects_are_not_bound():
     assert out["bound_rate"] == pytest.approx(0.5)
     assert out["named_bound_rate"] == pytest.approx(0.6)
     assert out["misbound_per_caption"] == pytest.approx(3 / 3)
+    assert out["described"] == 0  # no colour-pattern-category phrase (no pattern word) here
     both = pool([binding_counts([good], [s]), binding_counts([swapped], [s])])
     assert both["bound"] == 2 and both["concepts"] == 4 and both["bound_rate"] == pytest.approx(0.5)
 
@@ -36,3 +37,17 @@ def test_samples_without_categories_are_skipped():
     assert pool([]) is None
     with pytest.raises(ValueError, match="differ in length"):
         binding_counts(["a", "b"], [s])
+
+
+def test_true_descriptions_count_phrases_that_match_a_drawn_object():
+    dog = {**BO, "pattern": "striped"}
+    mug = {**ANYA, "pattern": "plain"}
+    bag = {"name": None, "category": "bag", "colour": "green", "pattern": "dotted", "box": [0, 5, 4, 9]}
+    s = sample(["Bo", "Anya"], ["Bo", "Anya"], [dog, mug, bag])
+    caption = ("Bo, my red striped dog, sits at the top. The blue striped mug at the left is Anya. "
+               "There is also a green dotted bag and two red striped dogs.")
+    out = binding_counts([caption], [s])
+    # red striped dog (true), blue striped mug (false: the mug is plain), green dotted bag
+    # (true), red striped dogs (true, plural)
+    assert out["described"] == 4 and out["described_true"] == 3
+    assert out["true_descriptions"] == pytest.approx(0.75)

@@ -53,16 +53,17 @@ def test_report_without_quality_still_has_names(tmp_path):
 def test_report_shows_binding_beside_names_when_measured(tmp_path):
     from repic_ray.evaluation.binding import with_rates
 
-    def bound(concepts, named, b, mis, caps):
-        return with_rates({"concepts": concepts, "named": named, "bound": b, "misbound": mis, "captions": caps})
+    def bound(concepts, named, b, mis, caps, described=20, true=15):
+        return with_rates({"concepts": concepts, "named": named, "bound": b, "misbound": mis, "captions": caps,
+                           "described": described, "described_true": true})
 
     evals = {
         "before": {"k1": split(9, 1, 10), "k3": split(12, 1, 30),
                    "quality": {"pooled": quality(1.7, 0.02, 31.5, 0.0)},
                    "binding": {"k1": bound(10, 9, 6, 0, 10), "k3": bound(30, 12, 3, 9, 10),
-                               "k3plus": bound(30, 12, 3, 9, 10)}},
+                               "k3plus": bound(30, 12, 3, 9, 10), "pooled": bound(40, 21, 9, 9, 20, 40, 10)}},
     }
     report = write_report(tmp_path, evals).read_text()
-    assert "| eval | >=3 P | >=3 R | >=3 F1 | 1 F1 | >=3 bound | 1 bound | CIDEr-D |" in report
-    # >=3 bound 3/30 = 10.0 %, 1 bound 6/10 = 60.0 %
-    assert "| before | 92.3 | 40.0 | 55.8 | 90.0 | 10.0 | 60.0 | 1.70 |" in report
+    assert "| eval | >=3 P | >=3 R | >=3 F1 | 1 F1 | >=3 bound | 1 bound | true desc | CIDEr-D |" in report
+    # >=3 bound 3/30 = 10.0 %, 1 bound 6/10 = 60.0 %, true descriptions 10/40 = 25.0 %
+    assert "| before | 92.3 | 40.0 | 55.8 | 90.0 | 10.0 | 60.0 | 25.0 | 1.70 |" in report

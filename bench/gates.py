@@ -61,12 +61,10 @@ def binding_by_k(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, A
     named with their own category (a right name on another object does not count)."""
     from repic_ray.evaluation.binding import binding_counts
 
-    by_k: dict[int, tuple[list, list]] = {}
+    by_k: dict[int, list[tuple[str, Any]]] = {}
     for caption, s in zip(captions, samples, strict=True):
-        by_k.setdefault(len(s.concepts or []), ([], []))
-        by_k[len(s.concepts or [])][0].append(caption)
-        by_k[len(s.concepts or [])][1].append(s)
-    return {k: binding_counts(caps, ss) for k, (caps, ss) in sorted(by_k.items())}
+        by_k.setdefault(len(s.concepts or []), []).append((caption, s))
+    return {k: binding_counts(*zip(*pairs)) for k, pairs in sorted(by_k.items())}
 
 
 def first_name_choice(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:

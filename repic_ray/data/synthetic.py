@@ -375,34 +375,36 @@ def _position_phrase(cell: int, rng: random.Random) -> str:
 _VERBS = ("sits", "stands", "rests", "lies", "is")
 
 
-CAPTION_STYLES = ("name_first", "object_first")
+_CONCEPT_FORMS: dict[str, tuple[str, ...]] = {
+    "name_first": (
+        "{name} the {desc} {verb} {where}.",
+        "{Where} {verb} {name}, {a} {desc}.",
+        "{name}, my {desc}, {verb} {where}.",
+        "There is {name} the {desc} {where}.",
+        "You can see {name}, the {desc}, {where}.",
+    ),
+    "object_first": (
+        "{A} {desc} {verb} {where}: that is {name}.",
+        "{Where} {verb} {a} {desc}, {name}.",
+        "The {desc} {where} is {name}.",
+        "There is {a} {desc} {where}, my {name}.",
+        "You can see {a} {desc} {where}; it is {name}.",
+    ),
+}
+"""The five wordings of a concept's sentence per caption style (`make_caption`)."""
+CAPTION_STYLES = tuple(_CONCEPT_FORMS)
 
 
 def _concept_sentence(o: WorldObject, rng: random.Random, style: str = "name_first") -> str:
     desc = f"{o.colour} {o.pattern} {o.category}"
     where = _position_phrase(o.cell, rng)
     verb = rng.choice(_VERBS)
-    form = rng.randrange(5)
-    if style == "object_first":
-        a = _article(desc)
-        if form == 0:
-            return f"{a.capitalize()} {desc} {verb} {where}: that is {o.name}."
-        if form == 1:
-            return f"{where[0].upper()}{where[1:]} {verb} {a} {desc}, {o.name}."
-        if form == 2:
-            return f"The {desc} {where} is {o.name}."
-        if form == 3:
-            return f"There is {a} {desc} {where}, my {o.name}."
-        return f"You can see {a} {desc} {where}; it is {o.name}."
-    if form == 0:
-        return f"{o.name} the {desc} {verb} {where}."
-    if form == 1:
-        return f"{where[0].upper()}{where[1:]} {verb} {o.name}, {_article(desc)} {desc}."
-    if form == 2:
-        return f"{o.name}, my {desc}, {verb} {where}."
-    if form == 3:
-        return f"There is {o.name} the {desc} {where}."
-    return f"You can see {o.name}, the {desc}, {where}."
+    forms = _CONCEPT_FORMS[style]
+    a = _article(desc)
+    return forms[rng.randrange(len(forms))].format(
+        name=o.name, desc=desc, verb=verb, where=where, Where=where[0].upper() + where[1:],
+        a=a, A=a.capitalize(),
+    )
 
 
 def _distractor_sentence(o: WorldObject, form: int, rng: random.Random) -> str:

@@ -112,14 +112,6 @@ def name_scores(
     return len(correct), len(wrong), n_gt
 
 
-def _category_of(name: str, categories: dict[str, str], case_sensitive: bool) -> str | None:
-    key = name_key(name, case_sensitive)
-    for other, category in categories.items():
-        if name_key(other, case_sensitive) == key:
-            return category
-    return None
-
-
 def grounded_names(
     caption: str,
     concept_names: Sequence[str],
@@ -141,8 +133,12 @@ def grounded_names(
     spans = name_spans(caption, names, case_sensitive=case_sensitive)
     grounded: set[str] = set()
     misbound = 0
-    cats = {name_key(n, case_sensitive): _category_of(n, categories, case_sensitive)
-            for n in names}
+    # the references' categories, keyed like the names ("<Bo>" in `categories` serves "Bo")
+    keys = {name_key(n, case_sensitive) for n in names}
+    cats: dict[str, str] = {}
+    for n, c in categories.items():
+        if (k := name_key(n, case_sensitive)) in keys:
+            cats.setdefault(k, c)
     ends = [m.start() + 1 for m in _SENTENCE_END.finditer(caption)]
     for i, (start, end, name) in enumerate(spans):
         key = name_key(name, case_sensitive)

@@ -377,7 +377,8 @@ def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
         if split == "binding":
             for where, scores in m.items():
                 out.update({f"eval/binding/{where}/{key}": float(scores[key])
-                            for key in ("bound_rate", "named_bound_rate", "misbound_per_caption")})
+                            for key in ("bound_rate", "named_bound_rate", "misbound_per_caption",
+                                        "true_descriptions")})
         elif split == "quality":
             for where, scores in m.items():
                 out.update({f"eval/quality/{where}/{key}": float(v) for key, v in scores.items()})

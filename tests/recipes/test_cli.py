@@ -89,7 +89,8 @@ def test_main_job_runs_end_to_end_shortened(tmp_path, repic):
     assert "## Names and caption quality (pooled)" in report and "| CIDEr-D | CIDEr-D k1 |" in report
     # whether each name sits on its own object: the world's eval samples know the categories
     bound = evals["after"]["binding"]
-    assert {"k1", "k3", "k3plus"} <= set(bound) and "eval/binding/k3plus/bound_rate" in rows[0]
+    assert {"k1", "k3", "k3plus", "pooled"} <= set(bound)
+    assert {"eval/binding/k3plus/bound_rate", "eval/binding/pooled/true_descriptions"} <= set(rows[0])
     assert 0 <= bound["k3plus"]["bound"] <= bound["k3plus"]["named"] <= bound["k3plus"]["concepts"]
     assert "| >=3 bound | 1 bound |" in report
     assert "| pooled | after |" in report and "## Caption quality per split" in report

@@ -134,6 +134,13 @@ class WorldConfig:
     reward gives 0 below 100 characters)."""
     cell_px: int = 28
     """Cell size in pixels; 28 px is one Qwen2.5-VL vision token. Query = 3 cells square."""
+    references_per_concept: int = 1
+    """Reference photos of each concept (1-5): the first shows the object centred at 80 %
+    of a cell, the others at 60-90 % of it, at a random place, on their own noise. A
+    prompt shows 1..this of each of its reference concepts' photos, each followed by the
+    concept's name (RePIC's several references per concept). Views and their draw per
+    prompt come from random streams of their own: with 1 the world is byte-identical to
+    one generated without the option."""
     caption_style: str = "name_first"
     """How captions (SFT targets and reference captions) word a concept: "name_first"
     ("Bo the red striped dog sits at the top.", concepts before distractors) or
@@ -172,6 +179,10 @@ class WorldConfig:
         if self.num_reference_captions < 3:
             raise ValueError(
                 f"num_reference_captions: must be >= 3, got {self.num_reference_captions}"
+            )
+        if not 1 <= self.references_per_concept <= 5:
+            raise ValueError(
+                f"references_per_concept: must be in [1, 5], got {self.references_per_concept}"
             )
         if self.cell_px < 12:
             raise ValueError(f"cell_px: must be >= 12 to show patterns, got {self.cell_px}")
@@ -342,6 +353,17 @@ def draw_reference(np_rng: np.random.Generator, shape: str, colour: str, pattern
     return img
 
 
+def draw_reference_view(rng: random.Random, shape: str, colour: str, pattern: str,
+                        cell_px: int) -> Image.Image:
+    """Another photo of a concept: the object at 60-90 % of one cell, at a random place,
+    on its own noisy grey background."""
+    img = _background(np.random.default_rng(rng.getrandbits(63)), cell_px, cell_px)
+    s = rng.randint(round(cell_px * 0.6), round(cell_px * 0.9))
+    x, y = rng.randint(0, cell_px - s), rng.randint(0, cell_px - s)
+    draw_object(img, [x, y, x + s, y + s], shape, colour, pattern)
+    return img
+
+
 def place_in_cell(rng: random.Random, cell: int, cell_px: int) -> list[int]:
     """A query object's box in grid cell `cell`: 65-85 % of the cell, at a random place."""
     c = cell_px
@@ -506,7 +528,7 @@ class _World:
             self.name_pools = {"train": NAMES, "eval": NAMES}
         self.concept_triples = {(c.shape, c.colour, c.pattern) for c in self.concepts}
         self.distractor_triples = [t for t in triples if t not in self.concept_triples]
-        self.ref_paths: dict[str, Path] = {}
+        self.ref_paths: dict[str, list[Path]] = {}
         self.use("eval")
 
     def use(self, phase: str) -> None:
@@ -535,10 +557,20 @@ class _World:
     def _np_rng(self) -> np.random.Generator:
         return np.random.default_rng(self.rng.getrandbits(63))
 
-    def _write_reference(self, spec: ConceptSpec, path: Path) -> None:
+    def _write_reference(self, spec: ConceptSpec, path: Path) -> list[Path]:
+        """The concept's reference photos: `path`, then `<stem>_<i>.png` for the other views
+        (`references_per_concept`), drawn from a stream seeded by the world seed and key."""
         img = draw_reference(self._np_rng(), spec.shape, spec.colour, spec.pattern, self.cell)
         img.save(path, format="PNG")
-        self.ref_paths[spec.key] = path.absolute()
+        paths = [path.absolute()]
+        views = random.Random(f"{self.cfg.seed}:views:{spec.key}")
+        for i in range(1, self.cfg.references_per_concept):
+            view = path.with_name(f"{path.stem}_{i}.png")
+            draw_reference_view(views, spec.shape, spec.colour, spec.pattern,
+                                self.cell).save(view, format="PNG")
+            paths.append(view.absolute())
+        self.ref_paths[spec.key] = paths
+        return paths
 
     def write_references(self) -> ConceptDatabase:
         cdir = self.out / "concepts"
@@ -546,9 +578,9 @@ class _World:
         concepts = []
         for spec in self.concepts:
             path = cdir / f"{spec.name.replace(' ', '_')}.png"
-            self._write_reference(spec, path)
+            views = self._write_reference(spec, path)
             info = f"{_article(spec.colour).capitalize()} {spec.colour} {spec.pattern} {spec.shape}."
-            concepts.append(Concept(spec.key, spec.name, [str(path.absolute())], info, spec.category))
+            concepts.append(Concept(spec.key, spec.name, [str(v) for v in views], info, spec.category))
         db = ConceptDatabase.from_concepts(concepts)
         save_database(db, cdir / "database.json")
         if self.train_concepts:
@@ -602,15 +634,30 @@ class _World:
         pool = [c for c in self.active if c not in exclude]
         return self.rng.sample(pool, k)
 
+    def _reference_views(self, refs: list[ConceptSpec], query: Path) -> list[tuple[Path, str]]:
+        """(photo, concept key) of each reference shown: 1..references_per_concept of each
+        concept's photos, drawn from a stream seeded by the world seed and the query file
+        (so the world's main stream, and every other file, do not depend on it)."""
+        n = self.cfg.references_per_concept
+        if n == 1:
+            return [(self.ref_paths[r.key][0], r.key) for r in refs]
+        rng = random.Random(f"{self.cfg.seed}:references:{query.parent.name}/{query.name}")
+        shown = []
+        for r in refs:
+            views = sorted(rng.sample(range(n), rng.randint(1, n)))
+            shown += [(self.ref_paths[r.key][v], r.key) for v in views]
+        return shown
+
     def _sample(self, problem: str, solution: Any, method: str, refs: list[ConceptSpec],
                 names: dict[str, str], query: Path, objects: list[WorldObject],
                 **optional: Any) -> TrainSample:
+        shown = self._reference_views(refs, query)
         return TrainSample(
-            images=[str(self.ref_paths[r.key]) for r in refs] + [str(query.absolute())],
+            images=[str(path) for path, _ in shown] + [str(query.absolute())],
             problem=problem,
             solution=solution,
             accu_reward_method=method,
-            ref_names=[names[r.key] for r in refs],
+            ref_names=[names[key] for _, key in shown],
             concepts=[o.name for o in objects if o.name is not None],
             objects=[o.to_dict() for o in objects],
             **optional,
@@ -718,7 +765,7 @@ class _World:
         d = ImageDraw.Draw(sheet)
         for i, spec in enumerate(self.concepts):
             x = pad + i * (ref_tile + pad)
-            ref = Image.open(self.ref_paths[spec.key]).convert("RGB")
+            ref = Image.open(self.ref_paths[spec.key][0]).convert("RGB")
             sheet.paste(ref.resize((ref_tile, ref_tile), Image.NEAREST), (x, pad))
             d.text((x, pad + ref_tile + 1), spec.name, fill=(0, 0, 0), font=font)
             d.text((x, pad + ref_tile + label), spec.category, fill=(90, 90, 90), font=font)
@@ -733,7 +780,7 @@ class _World:
                 colour = (255, 0, 0) if o["name"] else (0, 0, 255)
                 d.rectangle(bx, outline=colour, width=2)
                 d.text((bx[0] + 2, bx[1] + 1), o["name"] or o["category"], fill=colour, font=font)
-            d.text((x, y + q_tile + 1), "refs: " + ", ".join(s.ref_names or []), fill=(0, 0, 0),
+            d.text((x, y + q_tile + 1), "refs: " + ", ".join(dict.fromkeys(s.ref_names or [])), fill=(0, 0, 0),
                    font=font)
             d.text((x, y + q_tile + label), "present: " + ", ".join(s.concepts or []),
                    fill=(0, 0, 0), font=font)

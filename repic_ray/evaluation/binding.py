@@ -67,7 +67,7 @@ def binding_counts(captions: Sequence[str], samples: Sequence[Any]) -> dict[str,
         cats = sample_categories(s)
         if not concepts or not all(c in cats for c in concepts):
             continue
-        refs = list(s.ref_names or concepts)
+        refs = list(dict.fromkeys(s.ref_names or concepts))
         keys, misbound = grounded_names(caption, concepts, refs, cats)
         correct, _, n = name_scores(caption, concepts, refs)
         counts["concepts"] += n

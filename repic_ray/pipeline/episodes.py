@@ -116,7 +116,7 @@ def make_request(uid: str, sample: TrainSample, processor: Any, seed: int, n: in
 def reward_inputs(sample: TrainSample, completions: list[Completion], categories: dict[str, str]) -> list[RewardInput]:
     """One `RewardInput` per completion of `sample`."""
     present = list(sample.concepts or [])
-    candidates = list(sample.ref_names or present)
+    candidates = list(dict.fromkeys(sample.ref_names or present))
     cats = {n: categories[n] for n in set(present) | set(candidates) if n in categories}
     # Per-episode names are not in the database; the drawn objects know their category.
     cats.update({o["name"]: o["category"] for o in sample.objects or [] if o.get("name") and o.get("category")})

@@ -364,3 +364,41 @@ def test_object_first_captions_describe_then_name_same_images(tmp_path, open_wor
             assert binding_counts(s.reference_captions, [s] * len(s.reference_captions))["bound_rate"] == 1.0
     with pytest.raises(ValueError, match="caption_style"):
         WorldConfig(caption_style="random")
+
+
+def test_several_references_per_concept(tmp_path, open_world):
+    a = generate_world(tmp_path / "a", seed=3, names="open", num_concepts=20,
+                       references_per_concept=3, **SMALL)
+    db = load_database(a.database)
+    for c in db:
+        views = [load_image(p) for p in c.images]
+        assert len(views) == 3 and len({v.tobytes() for v in views}) == 3
+    digest_a, digest_b = _tree_digest(a.root), _tree_digest(open_world.root)
+    # the scenes and the first view of every concept are those of the 1-reference world
+    shared = [k for k in digest_b if k.endswith(".png")]
+    assert shared and all(digest_a[k] == digest_b[k] for k in shared)
+    counts = set()
+    samples = _all_samples(a)
+    check_images(database=db, samples=samples, decode=False)
+    for s, old in zip(samples, _all_samples(open_world)):
+        assert len(s.ref_names) == len(s.images) - 1
+        # each reference concept's photos are shown together, 1-3 of them, under one name
+        groups = []
+        for name, path in zip(s.ref_names, s.images):
+            stem = Path(path).stem.split("_")[0]
+            if groups and groups[-1][0] == name:
+                assert groups[-1][1] == stem
+                groups[-1][2] += 1
+            else:
+                groups.append([name, stem, 1])
+        assert [g[0] for g in groups] == old.ref_names
+        assert [g[1] for g in groups] == [Path(p).stem for p in old.images[:-1]]
+        counts |= {g[2] for g in groups}
+        assert s.concepts == old.concepts and s.objects == old.objects
+    assert counts == {1, 2, 3}
+    generate_world(tmp_path / "b", seed=3, names="open", num_concepts=20,
+                   references_per_concept=3, **SMALL)
+    assert _tree_digest(tmp_path / "b") == digest_a
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="references_per_concept"):
+            WorldConfig(references_per_concept=bad)

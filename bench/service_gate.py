@@ -18,6 +18,9 @@ did not use, then for 20 photos (10 with one concept, 10 with two):
 - renaming: one concept renamed (`PATCH /v1/concepts/{name}`, same images) and its photo
   captioned again: the new name should replace the old one.
 
+`--references N` draws N photos of every concept (`WorldConfig.references_per_concept`)
+and registers all of them: each caption prompt then shows N photos per named concept.
+
 `tests/deploy/test_serve_newcomer.py` runs `personalization` against the README's
 `repic serve` command.
 """
@@ -43,7 +46,14 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD_SEED = 20261128
 
 
-def unseen_world(out: Path) -> tuple[dict[str, str], list[dict], str]:
+def concept_of(path: str | Path) -> str:
+    """The world concept name of a reference photo file (`Bo.png`, `Bo_1.png`, ...)."""
+    stem = Path(path).stem
+    head, _, tail = stem.rpartition("_")
+    return head if head and tail.isdigit() else stem
+
+
+def unseen_world(out: Path, references: int = 1) -> tuple[dict[str, str], list[dict], str]:
     """(world concept name -> the user's fresh name, 20 evaluation samples with 1-2
     concepts, one more fresh name). Reference files are named by the world's concept
     names; the user registers each under a held-out name the world did not use."""
@@ -51,8 +61,9 @@ def unseen_world(out: Path) -> tuple[dict[str, str], list[dict], str]:
     from repic_ray.data.synthetic import generate_world
 
     generate_world(out, seed=WORLD_SEED, names="open", num_concepts=12, num_train=0,
-                   num_sft=0, num_sft_aux=0, num_eval_per_k=10)
-    world_names = sorted(p.stem for p in (out / "concepts").glob("*.png"))
+                   num_sft=0, num_sft_aux=0, num_eval_per_k=10,
+                   references_per_concept=references)
+    world_names = sorted({concept_of(p) for p in (out / "concepts").glob("*.png")})
     samples = [x for k in (1, 2)
                for x in json.loads((out / "eval" / f"concepts_{k}.json").read_text())]
     used = set(world_names).union(*(x["ref_names"] for x in samples))
@@ -78,32 +89,37 @@ def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 60
         time.sleep(2)
 
 
-def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
-    """Register the unseen world's concepts over HTTP under fresh names, caption its 20
-    photos naming each photo's references (present and absent, as in RePIC), and score the
-    names with RePIC's metric; then rename one concept and caption its photo again."""
+def personalization(base: str, key: dict, world: Path, references: int = 1) -> dict[str, Any]:
+    """Register the unseen world's concepts over HTTP under fresh names (`references`
+    photos each), caption its 20 photos naming each photo's references (present and absent,
+    as in RePIC), and score the names with RePIC's metric; then rename one concept and
+    caption its photo again."""
     from repic_ray.evaluation.metric import NameMetrics, slot_outcomes
     from repic_ray.matching import find_names
 
-    user_names, samples, new_name = unseen_world(world)
-    category = {c["name"]: c["category"] for c in json.loads(
-        (world / "concepts" / "database.json").read_text())["concept_dict"].values()}
+    user_names, samples, new_name = unseen_world(world, references)
+    database = json.loads((world / "concepts" / "database.json").read_text())["concept_dict"]
+    category = {c["name"]: c["category"] for c in database.values()}
+    photos = {c["name"]: c["image"] for c in database.values()}
     triple = {c["name"]: (c["shape"], c["colour"], c["pattern"])
               for c in json.loads((world / "world.json").read_text())["concepts"]}
     for world_name, name in user_names.items():
-        data = (world / "concepts" / f"{world_name}.png").read_bytes()
+        files = [("images", (f"{name}_{i}.png", (world / "concepts" / path).read_bytes(),
+                             "image/png"))
+                 for i, path in enumerate(photos[world_name])]
         # The user says what each concept is ("dog"): the detector's prompt in retrieval mode.
         res = httpx.post(f"{base}/v1/concepts", headers=key,
                          data={"name": name, "category": category[world_name]},
-                         files=[("images", (f"{name}.png", data, "image/png"))], timeout=60)
+                         files=files, timeout=60)
         assert res.status_code == 201, res.text
     explicit, chosen, slots = NameMetrics(), 0, 0
     captions = []
     for x in samples:
         query = (world / "eval" / x["image"][-1]).resolve().read_bytes()
-        refs = [user_names[Path(p).stem] for p in x["image"][:-1]]
-        present = [user_names[Path(p).stem] for p, n in zip(x["image"][:-1], x["ref_names"])
-                   if n in x["concepts"]]
+        refs = list(dict.fromkeys(user_names[concept_of(p)] for p in x["image"][:-1]))
+        present = list(dict.fromkeys(
+            user_names[concept_of(p)] for p, n in zip(x["image"][:-1], x["ref_names"])
+            if n in x["concepts"]))
         res = httpx.post(f"{base}/v1/captions", headers=key, data={"concepts": ",".join(refs)},
                          files={"image": ("q.png", query, "image/png")}, timeout=300)
         assert res.status_code == 200, res.text
@@ -124,12 +140,12 @@ def personalization(base: str, key: dict, world: Path) -> dict[str, Any]:
         slots += len(visible)
     # Renamed (same images, new name): the caption follows the new name.
     x = samples[0]
-    old = user_names[Path(x["image"][x["ref_names"].index(x["concepts"][0])]).stem]
+    old = user_names[concept_of(x["image"][x["ref_names"].index(x["concepts"][0])])]
     res = httpx.patch(f"{base}/v1/concepts/{old}", headers=key, json={"name": new_name},
                       timeout=60)
     assert res.status_code == 200, res.text
-    refs = [new_name if n == old else n for n in (user_names[Path(p).stem]
-                                                  for p in x["image"][:-1])]
+    refs = [new_name if n == old else n for n in dict.fromkeys(
+        user_names[concept_of(p)] for p in x["image"][:-1])]
     query = (world / "eval" / x["image"][-1]).resolve().read_bytes()
     res = httpx.post(f"{base}/v1/captions", headers=key, data={"concepts": ",".join(refs)},
                      files={"image": ("q.png", query, "image/png")}, timeout=300)
@@ -144,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="checkpoints/tiny-open")
     p.add_argument("--out", default=None, help="result JSON")
+    p.add_argument("--references", type=int, default=1,
+                   help="photos registered per concept (1-5)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from repic_ray.ports import free_port
@@ -169,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(exc, file=sys.stderr)
                 return 1
             start = time.monotonic()
-            got = personalization(base, key, home / "world")
+            got = personalization(base, key, home / "world", args.references)
             got["seconds"] = round(time.monotonic() - start, 1)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
-    got.update(checkpoint=args.checkpoint, world_seed=WORLD_SEED,
+    got.update(checkpoint=args.checkpoint, world_seed=WORLD_SEED, references=args.references,
                command=" ".join(["python", "bench/service_gate.py", *(argv or sys.argv[1:])]))
     print(json.dumps({k: v for k, v in got.items() if k != "captions"}, indent=1))
     if args.out:

@@ -137,8 +137,9 @@ class WorldConfig:
     references_per_concept: int = 1
     """Reference photos of each concept (1-5): the first shows the object centred at 80 %
     of a cell, the others at 60-90 % of it, at a random place, on their own noise. A
-    prompt shows 1..this of each of its reference concepts' photos, each followed by the
-    concept's name (RePIC's several references per concept). Views and their draw per
+    prompt shows up to m of each of its reference concepts' photos (m drawn per prompt
+    from 1..this; so 1 / this of the prompts show one photo per concept), each followed
+    by the concept's name (RePIC's several references per concept). Views and their draw per
     prompt come from random streams of their own: with 1 the world is byte-identical to
     one generated without the option."""
     caption_style: str = "name_first"
@@ -635,16 +636,19 @@ class _World:
         return self.rng.sample(pool, k)
 
     def _reference_views(self, refs: list[ConceptSpec], query: Path) -> list[tuple[Path, str]]:
-        """(photo, concept key) of each reference shown: 1..references_per_concept of each
-        concept's photos, drawn from a stream seeded by the world seed and the query file
-        (so the world's main stream, and every other file, do not depend on it)."""
+        """(photo, concept key) of each reference shown: up to m of each concept's photos
+        (1..m drawn per concept), m drawn per prompt from 1..references_per_concept, so a
+        share of the prompts shows one photo of every concept as a user who registered one
+        would; from a stream seeded by the world seed and the query file (so the world's
+        main stream, and every other file, do not depend on it)."""
         n = self.cfg.references_per_concept
         if n == 1:
             return [(self.ref_paths[r.key][0], r.key) for r in refs]
         rng = random.Random(f"{self.cfg.seed}:references:{query.parent.name}/{query.name}")
+        most = rng.randint(1, n)  # so that 1 / n of the prompts show one photo per concept
         shown = []
         for r in refs:
-            views = sorted(rng.sample(range(n), rng.randint(1, n)))
+            views = sorted(rng.sample(range(n), rng.randint(1, most)))
             shown += [(self.ref_paths[r.key][v], r.key) for v in views]
         return shown
 

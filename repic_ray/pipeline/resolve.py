@@ -53,12 +53,14 @@ def derived_fields(cfg: ExperimentConfig) -> dict[str, tuple[str, Any]]:
 
 
 def max_world_images(cfg: ExperimentConfig) -> int | None:
-    """Most images in one prompt of the generated world (references of the present and
-    absent concepts, then the query); None when the data are files of a real dataset."""
+    """Most images in one prompt of the generated world (up to references_per_concept
+    photos of each present and absent concept, then the query); None when the data are
+    files of a real dataset."""
     if cfg.data.train_file or cfg.data.world_dir:
         return None
     world = cfg.data.world
-    return min(world.max_k + world.max_absent_refs, world.num_concepts) + 1
+    concepts = min(world.max_k + world.max_absent_refs, world.num_concepts)
+    return concepts * world.references_per_concept + 1
 
 
 def check_rules(cfg: ExperimentConfig) -> None:
@@ -126,7 +128,9 @@ def check_rules(cfg: ExperimentConfig) -> None:
             f"rollout.limit_images_per_prompt ({cfg.rollout.limit_images_per_prompt}) is below "
             f"the {images} images of the largest prompt of the generated world "
             f"(data.world.max_concepts_per_image={world.max_concepts_per_image} present + "
-            f"data.world.max_absent_refs={world.max_absent_refs} absent references + the query)"
+            f"data.world.max_absent_refs={world.max_absent_refs} absent concepts, up to "
+            f"data.world.references_per_concept={world.references_per_concept} photos each, "
+            f"+ the query)"
         )
 
 

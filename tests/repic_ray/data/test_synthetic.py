@@ -377,7 +377,7 @@ def test_several_references_per_concept(tmp_path, open_world):
     # the scenes and the first view of every concept are those of the 1-reference world
     shared = [k for k in digest_b if k.endswith(".png")]
     assert shared and all(digest_a[k] == digest_b[k] for k in shared)
-    counts = set()
+    counts, one_each, several = set(), 0, 0
     samples = _all_samples(a)
     check_images(database=db, samples=samples, decode=False)
     for s, old in zip(samples, _all_samples(open_world)):
@@ -394,8 +394,13 @@ def test_several_references_per_concept(tmp_path, open_world):
         assert [g[0] for g in groups] == old.ref_names
         assert [g[1] for g in groups] == [Path(p).stem for p in old.images[:-1]]
         counts |= {g[2] for g in groups}
+        if len(groups) >= 3:
+            one_each += all(g[2] == 1 for g in groups)
+            several += any(g[2] > 1 for g in groups)
         assert s.concepts == old.concepts and s.objects == old.objects
     assert counts == {1, 2, 3}
+    # some prompts show one photo of each concept, as for a user who registered one
+    assert one_each >= 10 and several >= 10
     generate_world(tmp_path / "b", seed=3, names="open", num_concepts=20,
                    references_per_concept=3, **SMALL)
     assert _tree_digest(tmp_path / "b") == digest_a

@@ -59,12 +59,18 @@ def test_lora_rank_must_fit_the_rollout_engine():
 
 
 def test_engine_must_take_the_worlds_largest_prompt():
-    with pytest.raises(ConfigError, match=r"rollout\.limit_images_per_prompt \(5\).*8 images"
-                                          r".*data\.world\.max_concepts_per_image"):
-        load("--rollout.limit_images_per_prompt", "5")
+    # the demo's world: up to 3 photos of each of 5 present + 2 absent concepts, then the query
+    with pytest.raises(ConfigError, match=r"rollout\.limit_images_per_prompt \(21\).*22 images"
+                                          r".*data\.world\.max_concepts_per_image"
+                                          r".*references_per_concept=3"):
+        load("--rollout.limit_images_per_prompt", "21")
+    assert load().rollout.limit_images_per_prompt == 22
+    one = ("--data.world.references_per_concept", "1")
+    with pytest.raises(ConfigError, match=r"\(5\).*8 images"):
+        load(*one, "--rollout.limit_images_per_prompt", "5")
     # fewer concepts per image and fewer absent references: 3 + 1 + the query fit in 5
-    cfg = load("--rollout.limit_images_per_prompt", "5", "--data.world.max_concepts_per_image", "3",
-               "--data.world.max_absent_refs", "1")
+    cfg = load(*one, "--rollout.limit_images_per_prompt", "5",
+               "--data.world.max_concepts_per_image", "3", "--data.world.max_absent_refs", "1")
     assert cfg.rollout.limit_images_per_prompt == 5
 
 

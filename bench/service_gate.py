@@ -15,8 +15,10 @@ did not use, then for 20 photos (10 with one concept, 10 with two):
   concepts in it are all of the user's registered concepts drawn in it (a photo's
   distractor objects are the world's other concepts, all registered), `top_k` = their
   number; the share of them the retriever chose;
-- renaming: one concept renamed (`PATCH /v1/concepts/{name}`, same images) and its photo
-  captioned again: the new name should replace the old one.
+- renaming: every concept renamed (`PATCH /v1/concepts/{name}`, same images, another fresh
+  name) and every photo captioned again: recall and precision under the new names, and how
+  many old names the captions still write (none, for a model that reads names from the
+  prompt).
 
 `--references N` draws N photos of every concept (`WorldConfig.references_per_concept`)
 and registers all of them: each caption prompt then shows N photos per named concept.
@@ -53,10 +55,12 @@ def concept_of(path: str | Path) -> str:
     return head if head and tail.isdigit() else stem
 
 
-def unseen_world(out: Path, references: int = 1) -> tuple[dict[str, str], list[dict], str]:
+def unseen_world(out: Path, references: int = 1
+                 ) -> tuple[dict[str, str], list[dict], dict[str, str]]:
     """(world concept name -> the user's fresh name, 20 evaluation samples with 1-2
-    concepts, one more fresh name). Reference files are named by the world's concept
-    names; the user registers each under a held-out name the world did not use."""
+    concepts, world concept name -> another fresh name to rename it to). Reference files
+    are named by the world's concept names; the user registers each under a held-out name
+    the world did not use."""
     from repic_ray.data.names import name_split
     from repic_ray.data.synthetic import generate_world
 
@@ -68,8 +72,9 @@ def unseen_world(out: Path, references: int = 1) -> tuple[dict[str, str], list[d
                for x in json.loads((out / "eval" / f"concepts_{k}.json").read_text())]
     used = set(world_names).union(*(x["ref_names"] for x in samples))
     fresh = random.Random(WORLD_SEED).sample([n for n in name_split()[1] if n not in used],
-                                             len(world_names) + 1)
-    return dict(zip(world_names, fresh)), samples, fresh[-1]
+                                             2 * len(world_names))
+    return (dict(zip(world_names, fresh)), samples,
+            dict(zip(world_names, fresh[len(world_names):])))
 
 
 def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
@@ -97,7 +102,7 @@ def personalization(base: str, key: dict, world: Path, references: int = 1) -> d
     from repic_ray.evaluation.metric import NameMetrics, slot_outcomes
     from repic_ray.matching import find_names
 
-    user_names, samples, new_name = unseen_world(world, references)
+    user_names, samples, renames = unseen_world(world, references)
     database = json.loads((world / "concepts" / "database.json").read_text())["concept_dict"]
     category = {c["name"]: c["category"] for c in database.values()}
     photos = {c["name"]: c["image"] for c in database.values()}
@@ -138,22 +143,33 @@ def personalization(base: str, key: dict, world: Path, references: int = 1) -> d
         captions[-1].update(visible=sorted(visible), retrieved=retrieved)
         chosen += len(set(retrieved) & visible)
         slots += len(visible)
-    # Renamed (same images, new name): the caption follows the new name.
-    x = samples[0]
-    old = user_names[concept_of(x["image"][x["ref_names"].index(x["concepts"][0])])]
-    res = httpx.patch(f"{base}/v1/concepts/{old}", headers=key, json={"name": new_name},
-                      timeout=60)
-    assert res.status_code == 200, res.text
-    refs = [new_name if n == old else n for n in dict.fromkeys(
-        user_names[concept_of(p)] for p in x["image"][:-1])]
-    query = (world / "eval" / x["image"][-1]).resolve().read_bytes()
-    res = httpx.post(f"{base}/v1/captions", headers=key, data={"concepts": ",".join(refs)},
-                     files={"image": ("q.png", query, "image/png")}, timeout=300)
-    assert res.status_code == 200, res.text
-    renamed = res.json()["caption"]
+    # Renamed (same images, new names): every concept renamed, every photo captioned again;
+    # the captions should follow the new names as well as they followed the first ones.
+    for world_name, name in user_names.items():
+        res = httpx.patch(f"{base}/v1/concepts/{name}", headers=key,
+                          json={"name": renames[world_name]}, timeout=60)
+        assert res.status_code == 200, res.text
+    renamed, old_after = NameMetrics(), 0
+    new_names = {user_names[w]: n for w, n in renames.items()}
+    for x, before in zip(samples, captions):
+        query = (world / "eval" / x["image"][-1]).resolve().read_bytes()
+        refs = [renames[w] for w in dict.fromkeys(concept_of(p) for p in x["image"][:-1])]
+        present = [new_names[n] for n in before["present"]]
+        res = httpx.post(f"{base}/v1/captions", headers=key, data={"concepts": ",".join(refs)},
+                         files={"image": ("q.png", query, "image/png")}, timeout=300)
+        assert res.status_code == 200, res.text
+        caption = res.json()["caption"]
+        before["renamed"] = caption
+        found = find_names(caption, list(renames.values()))
+        renamed.add(slot_outcomes(found, present, renames.values(), case_sensitive=False))
+        old_after += len(find_names(caption, list(user_names.values())))
+    first = captions[0]
     return {"recall": explicit.recall, "precision": explicit.precision,
-            "retrieval": chosen / slots, "retrieval_slots": slots, "renamed": renamed, "old": old, "new": new_name,
-            "before": captions[0]["caption"], "captions": captions}
+            "retrieval": chosen / slots, "retrieval_slots": slots,
+            "renamed_recall": renamed.recall, "renamed_precision": renamed.precision,
+            "old_names_after_renaming": old_after,
+            "old": first["present"][0], "new": new_names[first["present"][0]],
+            "before": first["caption"], "renamed": first["renamed"], "captions": captions}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,26 +48,20 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD_SEED = 20261128
 
 
-def concept_of(path: str | Path) -> str:
-    """The world concept name of a reference photo file (`Bo.png`, `Bo_1.png`, ...)."""
-    stem = Path(path).stem
-    head, _, tail = stem.rpartition("_")
-    return head if head and tail.isdigit() else stem
-
-
 def unseen_world(out: Path, references: int = 1
                  ) -> tuple[dict[str, str], list[dict], dict[str, str]]:
     """(world concept name -> the user's fresh name, 20 evaluation samples with 1-2
     concepts, world concept name -> another fresh name to rename it to). Reference files
     are named by the world's concept names; the user registers each under a held-out name
     the world did not use."""
+    from repic_ray.data.formats import load_database
     from repic_ray.data.names import name_split
     from repic_ray.data.synthetic import generate_world
 
     generate_world(out, seed=WORLD_SEED, names="open", num_concepts=12, num_train=0,
                    num_sft=0, num_sft_aux=0, num_eval_per_k=10,
                    references_per_concept=references)
-    world_names = sorted({concept_of(p) for p in (out / "concepts").glob("*.png")})
+    world_names = sorted(c.name for c in load_database(out / "concepts" / "database.json"))
     samples = [x for k in (1, 2)
                for x in json.loads((out / "eval" / f"concepts_{k}.json").read_text())]
     used = set(world_names).union(*(x["ref_names"] for x in samples))
@@ -97,39 +91,43 @@ def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 60
 def personalization(base: str, key: dict, world: Path, references: int = 1) -> dict[str, Any]:
     """Register the unseen world's concepts over HTTP under fresh names (`references`
     photos each), caption its 20 photos naming each photo's references (present and absent,
-    as in RePIC), and score the names with RePIC's metric; then rename one concept and
-    caption its photo again."""
+    as in RePIC), and score the names with RePIC's metric; then rename every concept and
+    caption every photo again."""
+    from repic_ray.data.formats import load_database
     from repic_ray.evaluation.metric import NameMetrics, slot_outcomes
     from repic_ray.matching import find_names
 
     user_names, samples, renames = unseen_world(world, references)
-    database = json.loads((world / "concepts" / "database.json").read_text())["concept_dict"]
-    category = {c["name"]: c["category"] for c in database.values()}
-    photos = {c["name"]: c["image"] for c in database.values()}
+    db = load_database(world / "concepts" / "database.json")
+
+    def owner(path: str) -> str:  # the world concept a sample's reference photo shows
+        return db.concept_of_image(str(world / "eval" / path)).name
+
     triple = {c["name"]: (c["shape"], c["colour"], c["pattern"])
               for c in json.loads((world / "world.json").read_text())["concepts"]}
-    for world_name, name in user_names.items():
-        files = [("images", (f"{name}_{i}.png", (world / "concepts" / path).read_bytes(),
-                             "image/png"))
-                 for i, path in enumerate(photos[world_name])]
+    for concept in db:
+        name = user_names[concept.name]
+        files = [("images", (f"{name}_{i}.png", Path(path).read_bytes(), "image/png"))
+                 for i, path in enumerate(concept.images)]
         # The user says what each concept is ("dog"): the detector's prompt in retrieval mode.
         res = httpx.post(f"{base}/v1/concepts", headers=key,
-                         data={"name": name, "category": category[world_name]},
+                         data={"name": name, "category": concept.category},
                          files=files, timeout=60)
         assert res.status_code == 201, res.text
     explicit, chosen, slots = NameMetrics(), 0, 0
     captions = []
     for x in samples:
         query = (world / "eval" / x["image"][-1]).resolve().read_bytes()
-        refs = list(dict.fromkeys(user_names[concept_of(p)] for p in x["image"][:-1]))
+        shown = list(dict.fromkeys(owner(p) for p in x["image"][:-1]))
+        refs = [user_names[w] for w in shown]
         present = list(dict.fromkeys(
-            user_names[concept_of(p)] for p, n in zip(x["image"][:-1], x["ref_names"])
+            user_names[owner(p)] for p, n in zip(x["image"][:-1], x["ref_names"])
             if n in x["concepts"]))
         res = httpx.post(f"{base}/v1/captions", headers=key, data={"concepts": ",".join(refs)},
                          files={"image": ("q.png", query, "image/png")}, timeout=300)
         assert res.status_code == 200, res.text
         caption = res.json()["caption"]
-        captions.append({"present": present, "caption": caption})
+        captions.append({"present": present, "caption": caption, "shown": shown})
         found = find_names(caption, list(user_names.values()))
         explicit.add(slot_outcomes(found, present, user_names.values(), case_sensitive=False))
         drawn = {(o["shape"], o["colour"], o["pattern"]) for o in x["objects"]}
@@ -153,7 +151,7 @@ def personalization(base: str, key: dict, world: Path, references: int = 1) -> d
     new_names = {user_names[w]: n for w, n in renames.items()}
     for x, before in zip(samples, captions):
         query = (world / "eval" / x["image"][-1]).resolve().read_bytes()
-        refs = [renames[w] for w in dict.fromkeys(concept_of(p) for p in x["image"][:-1])]
+        refs = [renames[w] for w in before["shown"]]
         present = [new_names[n] for n in before["present"]]
         res = httpx.post(f"{base}/v1/captions", headers=key, data={"concepts": ",".join(refs)},
                          files={"image": ("q.png", query, "image/png")}, timeout=300)

@@ -10,7 +10,10 @@ import pytest
 # Every in-process Ray cluster of the test session (`address="local"` clusters and
 # `ray.cluster_utils.Cluster`) runs on loopback without token auth. Ray fixes its auth
 # mode when first imported, so it is set here, before any test imports Ray; tests that
-# start a separate head node give it its own token explicitly.
+# start a separate head node give it its own token explicitly. A child process (the
+# README's commands run as a user runs them) gets the user's own setting back: none,
+# unless the environment running the tests set one.
+_USER_RAY_AUTH_MODE = os.environ.get("RAY_AUTH_MODE")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 # Process-wide settings that in-process tests leave behind (a DeepSpeed learner sets the
@@ -24,10 +27,15 @@ _PROCESS_LOCAL_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCA
 @pytest.fixture(scope="session")
 def child_env():
     """`child_env(**extra)` -> the environment for a subprocess under test: this process's
-    environment minus what in-process tests set for themselves, plus `extra`."""
+    environment minus what in-process tests set for themselves (process-group variables,
+    and the suite's own `RAY_AUTH_MODE`: a child runs under Ray's default auth, as a
+    user's does), plus `extra`."""
 
     def make(**extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _PROCESS_LOCAL_VARS}
+        env.pop("RAY_AUTH_MODE")
+        if _USER_RAY_AUTH_MODE is not None:
+            env["RAY_AUTH_MODE"] = _USER_RAY_AUTH_MODE
         env.update(extra)
         return env
 

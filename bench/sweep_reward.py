@@ -1,9 +1,9 @@
 """Reward-weight sweep of the main job: names vs caption quality after RL, per setting.
 
     python bench/sweep_reward.py [--settings names,cap0.1,cap0.3] [--steps 60] [--seed 0]
-                                 [--out bench/results/sweep_reward.json]
+                                 [--config configs/tiny_fixed.yaml] [--out bench/results/sweep_reward.json]
 
-Runs `repic train --config configs/tiny_fixed.yaml` once per weight setting (one after the
+Runs `repic train --config CONFIG` (default configs/tiny_fixed.yaml) once per weight setting (one after the
 other, each in its own process, output under runs/sweep_reward/SETTING-sSEED), reads its
 evals.json and records, before (the SFT checkpoint) and after RL: >=3-concept precision /
 recall / F1, 1-concept F1, pooled and 1-concept CIDEr-D, pooled repeated-4-gram rate,
@@ -83,6 +83,13 @@ SETTINGS: dict[str, list[str]] = {
                               "--sampling.greedy_member", "true"],
     "cap0.3-kl0.05": ["--reward.caption_weight", "0.3", *CAPTION_PENALTIES,
                       "--learner.loss.kl_beta", "0.05", "--sampling.greedy_member", "false"],
+    # the main job's recipe (run with --config configs/tiny_cpu.yaml): as it is, then with
+    # repeated 4-grams penalized 3x, and with a flat penalty on captions cut at the token limit
+    "recipe": ["--sampling.greedy_member", "true"],
+    "rep3x": ["--reward.caption.repetition_penalty", "3.0", "--sampling.greedy_member", "true"],
+    "rep3x-cut1": ["--reward.caption.repetition_penalty", "3.0", "--reward.caption.truncation_penalty", "1.0",
+                   "--sampling.greedy_member", "true"],
+    "cut1": ["--reward.caption.truncation_penalty", "1.0", "--sampling.greedy_member", "true"],
 }
 
 
@@ -109,10 +116,10 @@ def summarize(evals: dict) -> dict:
     }
 
 
-def run_setting(name: str, seed: int, steps: int, root: Path) -> dict:
+def run_setting(name: str, seed: int, steps: int, root: Path, config: str = "configs/tiny_fixed.yaml") -> dict:
     out = root / f"{name}-s{seed}"
     cmd = [
-        sys.executable, "-m", "recipes.cli", "train", "--config", "configs/tiny_fixed.yaml",
+        sys.executable, "-m", "recipes.cli", "train", "--config", config,
         "--trainer.output_dir", str(out), "--trainer.steps", str(steps),
         "--trainer.seed", str(seed), "--sampling.seed", str(seed),
         "--trainer.progress_bar", "false", *SETTINGS[name],
@@ -123,7 +130,7 @@ def run_setting(name: str, seed: int, steps: int, root: Path) -> dict:
     wall = time.perf_counter() - start
     evals = json.loads((out / "evals.json").read_text())
     return {
-        "setting": name, "overrides": SETTINGS[name], "seed": seed, "steps": steps,
+        "setting": name, "config": config, "overrides": SETTINGS[name], "seed": seed, "steps": steps,
         "wall_s": round(wall, 1), "out": str(out),
         "before": summarize(evals["before"]), "after": summarize(evals["after"]),
     }
@@ -214,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default="names,cap0.1,cap0.3", help=f"comma-separated, of {list(SETTINGS)}")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default="configs/tiny_fixed.yaml",
+                   help="the recipe (configs/tiny_cpu.yaml: the main job; rows record it)")
     p.add_argument("--root", default="runs/sweep_reward")
     p.add_argument("--out", default="bench/results/sweep_reward.json")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
@@ -229,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
-        row = run_setting(name, args.seed, args.steps, REPO / args.root)
+        row = run_setting(name, args.seed, args.steps, REPO / args.root, args.config)
         rows = json.loads(out.read_text()) if out.exists() else []
-        rows = [r for r in rows if (r["setting"], r["seed"], r["steps"]) != (name, args.seed, args.steps)]
+        key = (name, args.seed, args.steps, args.config)
+        rows = [r for r in rows
+                if (r["setting"], r["seed"], r["steps"], r.get("config", "configs/tiny_fixed.yaml")) != key]
         out.write_text(json.dumps([*rows, row], indent=2) + "\n")
         b, a = row["before"], row["after"]
         print(

@@ -130,6 +130,7 @@ def reward_inputs(sample: TrainSample, completions: list[Completion], categories
             candidate_names=candidates,
             categories=cats,
             reference_captions=sample_references(sample),
+            truncated=c.finish_reason == "length",
         )
         for c in completions
     ]

@@ -43,6 +43,8 @@ class RewardInput:
     """Concept name -> category word (e.g. "dog"), used to prompt the detector."""
     reference_captions: list[str] = field(default_factory=list)
     """Human / template reference captions of the query image (caption-quality reward)."""
+    truncated: bool = False
+    """The completion was cut at the sampling token limit (its end is missing)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.completion, str):

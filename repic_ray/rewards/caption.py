@@ -185,6 +185,10 @@ class CaptionRewardConfig:
     """n-gram size for the repetition penalty."""
     repetition_penalty: float = 0.0
     """Penalty times the fraction of repeated n-grams (0 disables)."""
+    truncation_penalty: float = 0.0
+    """Flat penalty for a caption cut at the sampling token limit (`RewardInput.truncated`):
+    its last sentence is missing and it is scored as if it were whole otherwise (0 disables;
+    DAPO's overlong punishment, without its soft zone)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -192,6 +196,7 @@ class CaptionRewardConfig:
             "max_words",
             "length_penalty",
             "repetition_penalty",
+            "truncation_penalty",
             "cider_weight",
         ):
             if getattr(self, name) < 0:
@@ -205,11 +210,13 @@ class CaptionRewardConfig:
 
 
 class CaptionReward:
-    """cider_weight·CIDEr-D − length penalty − repetition penalty, for caption tasks.
+    """cider_weight·CIDEr-D − length penalty − repetition penalty − truncation penalty, for
+    caption tasks.
 
     CIDEr-D needs the sample's `reference_captions`; a caption-task sample without
     them raises (when cider_weight > 0). Components: "caption", "caption/cider",
-    "caption/length_penalty", "caption/repetition_penalty".
+    "caption/length_penalty", "caption/repetition_penalty" and, when enabled,
+    "caption/truncation_penalty".
     """
 
     def __init__(
@@ -240,7 +247,7 @@ class CaptionReward:
     def __call__(self, batch: Sequence[RewardInput]) -> RewardOutput:
         cfg = self.cfg
         B = len(batch)
-        cider_B, len_B, rep_B = np.zeros(B), np.zeros(B), np.zeros(B)
+        cider_B, len_B, rep_B, cut_B = np.zeros(B), np.zeros(B), np.zeros(B), np.zeros(B)
         mask_B = caption_mask_B(batch, self.caption_tasks)
         for i, x in enumerate(batch):
             if not mask_B[i]:
@@ -254,13 +261,14 @@ class CaptionReward:
                 rep_B[i] = cfg.repetition_penalty * repetition_fraction(
                     x.completion, cfg.repetition_ngram
                 )
-        reward_B = cfg.cider_weight * cider_B - len_B - rep_B
-        return RewardOutput(
-            reward_B,
-            {
-                "caption": reward_B.copy(),
-                "caption/cider": cider_B,
-                "caption/length_penalty": len_B,
-                "caption/repetition_penalty": rep_B,
-            },
-        )
+            cut_B[i] = cfg.truncation_penalty * float(x.truncated)
+        reward_B = cfg.cider_weight * cider_B - len_B - rep_B - cut_B
+        components = {
+            "caption": reward_B.copy(),
+            "caption/cider": cider_B,
+            "caption/length_penalty": len_B,
+            "caption/repetition_penalty": rep_B,
+        }
+        if cfg.truncation_penalty:
+            components["caption/truncation_penalty"] = cut_B
+        return RewardOutput(reward_B, components)

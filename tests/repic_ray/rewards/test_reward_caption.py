@@ -68,6 +68,20 @@ def test_reward_tokenizes_and_penalizes():
     np.testing.assert_allclose(out.rewards_B, cider_B - [0.75, 1.75, 0.0])
     assert cider_B[2] == 0.0  # not a caption task
     assert repetition_fraction("a b c d") == 0.0
+    assert "caption/truncation_penalty" not in out.components  # off unless set
+
+
+def test_truncation_penalty_applies_to_captions_cut_at_the_token_limit():
+    cfg = CaptionRewardConfig(cider_weight=0.0, truncation_penalty=0.5)
+    out = CaptionReward(cfg)([
+        RewardInput("Bo the brown dog runs on", truncated=True),
+        RewardInput("Bo the brown dog runs on the grass."),
+        RewardInput("yes", task="yes_no", solution="yes", truncated=True),
+    ])
+    np.testing.assert_allclose(out.components["caption/truncation_penalty"], [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(out.rewards_B, [-0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="truncation_penalty"):
+        CaptionRewardConfig(truncation_penalty=-1.0)
 
 
 def test_corpus_from_file_and_errors(tmp_path):

@@ -1,0 +1,25 @@
+"""Reward inputs built from a training sample and its completions."""
+
+from __future__ import annotations
+
+from repic_ray.data.formats import TrainSample
+from repic_ray.pipeline.episodes import reward_inputs
+from repic_ray.rollout.types import Completion
+
+
+def test_reward_inputs_carry_names_categories_references_and_truncation():
+    sample = TrainSample(
+        images=["bo_0.png", "mia_0.png", "bo_1.png", "query.png"], problem="Describe the image.", solution="Bo",
+        accu_reward_method="yes_no_name", ref_names=["Bo", "Mia", "Bo"], concepts=["Bo"],
+        reference_captions=["Bo the brown dog sits at the left."],
+        objects=[{"name": "Bo", "category": "dog", "box": [0, 0, 10, 10]},
+                 {"name": None, "category": "mug", "box": [20, 0, 30, 10]}],
+    )
+    done = Completion("Bo the brown dog sits at the left.", [1, 2], [-0.1, -0.2], "stop", 3)
+    cut = Completion("Bo the brown dog sits at", [1, 2], [-0.1, -0.2], "length", 3)
+    first, second = reward_inputs(sample, [done, cut], {"Mia": "mug"})
+    assert first.candidate_names == ["Bo", "Mia"]  # a name shown with several photos counts once
+    assert first.concept_names == ["Bo"] and first.categories == {"Bo": "dog", "Mia": "mug"}
+    assert first.reference_captions == ["Bo the brown dog sits at the left."]
+    assert first.image_path == sample.query_image
+    assert (first.truncated, second.truncated) == (False, True)

@@ -36,6 +36,14 @@ from bench.common import (
 )
 
 
+def learner_threads(cfg) -> int:
+    """The learner's torch threads as `make_learners` sets them (0 reads as Ray's: 1 per CPU)."""
+    import os
+
+    c = cfg.cluster
+    return c.learner_threads(cfg.algo.mode, c.num_cpus or os.cpu_count() or 1) or int(c.learner.num_cpus)
+
+
 def run_ours(cfg, steps: int, warmup: int) -> dict:
     """`warmup + steps` driver steps on a private Ray cluster; the last `steps` timed."""
     with ray_session(cfg):
@@ -109,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
              "gradient_checkpointing": cfg.learner.gradient_checkpointing,
              "loss_agg": cfg.learner.loss.loss_agg, "steps": args.steps, "warmup": args.warmup,
              "rounds": args.rounds, "modes": {"ours": cfg.algo.mode, "ours_async": "async"}, "threads": {
-                 "ours": "1 torch thread per Ray actor (rollout worker, reward actor, learner); "
-                         "the vLLM engine is bound to its worker's core (both ours rows)",
+                 "ours": f"learner {learner_threads(cfg)} torch thread(s) "
+                         "(cluster.sync_learner_takes_rollout_cpus: the rollout worker's core too, idle "
+                         "while it trains), rollout worker and reward actor 1; the vLLM engine is bound "
+                         "to its worker's core",
+                 "ours_async": f"learner {learner_threads(cfg_async)} torch thread(s), rollout worker and "
+                               "reward actor 1; the vLLM engine is bound to its worker's core",
                  "trl": rounds[0]["trl"]["torch_threads"] if "trl" in systems else None}}
     rows = [[name, r["step_seconds"]["min"], r["step_seconds"]["median"], r["step_seconds"]["max"],
              r["samples_per_s_median"], r["completion_tokens_mean"], r["reward_mean"]]

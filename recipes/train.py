@@ -23,6 +23,7 @@ embedded default trains a tiny random-init model on a synthetic world on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -507,7 +508,9 @@ def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def make_learners(cfg: ExperimentConfig) -> LearnerGroup:
     c = cfg.cluster
-    return LearnerGroup(cfg.learner, c.num_learners, c.learner, c.placement_strategy, c.master_port,
+    threads = c.learner_threads(cfg.algo.mode, c.num_cpus or os.cpu_count() or 1)
+    res = dataclasses.replace(c.learner, num_threads=threads)
+    return LearnerGroup(cfg.learner, c.num_learners, res, c.placement_strategy, c.master_port,
                         c.placement_timeout_s)
 
 

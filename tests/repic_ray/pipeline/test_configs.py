@@ -46,3 +46,20 @@ def test_typo_in_recipe_is_reported(tmp_path):
 def test_override_on_top_of_recipe():
     cfg = load_config(ExperimentConfig, ROOT / "configs" / "tiny_cpu.yaml", ["--cluster.num_rollout_workers", "4"])
     assert cfg.cluster.num_rollout_workers == 4
+
+
+def test_sync_learner_takes_the_idle_rollout_cpus_only_where_the_roles_alternate_on_one_node():
+    cfg = load_config(ExperimentConfig, ROOT / "configs" / "tiny_cpu.yaml")
+    c = cfg.cluster
+    assert c.sync_learner_takes_rollout_cpus and cfg.algo.mode == "sync"
+    assert c.learner_threads("sync", cpus=2) == 2  # its own core + the rollout worker's
+    assert c.learner_threads("sync", cpus=1) == 1  # never more threads than cores
+    assert c.learner_threads("async", cpus=2) == 0  # generation runs beside the update
+    more = load_config(ExperimentConfig, ROOT / "configs" / "tiny_cpu.yaml", ["--cluster.num_rollout_workers", "2"])
+    assert more.cluster.learner_threads("sync", cpus=8) == 3
+    for override in (["--cluster.address", "auto"], ["--cluster.num_learners", "2"],
+                     ["--cluster.learner.num_gpus", "1"], ["--cluster.sync_learner_takes_rollout_cpus", "false"]):
+        other = load_config(ExperimentConfig, ROOT / "configs" / "tiny_cpu.yaml", override)
+        assert other.cluster.learner_threads("sync", cpus=2) == 0, override
+    pinned = load_config(ExperimentConfig, ROOT / "configs" / "tiny_cpu.yaml", ["--cluster.learner.num_threads", "1"])
+    assert pinned.cluster.learner_threads("sync", cpus=2) == 1  # an explicit setting wins

@@ -116,13 +116,14 @@ def summarize(evals: dict) -> dict:
     }
 
 
-def run_setting(name: str, seed: int, steps: int, root: Path, config: str = "configs/tiny_fixed.yaml") -> dict:
+def run_setting(name: str, seed: int, steps: int, root: Path, config: str = "configs/tiny_fixed.yaml",
+                extra: list[str] | None = None) -> dict:
     out = root / f"{name}-s{seed}"
     cmd = [
         sys.executable, "-m", "recipes.cli", "train", "--config", config,
         "--trainer.output_dir", str(out), "--trainer.steps", str(steps),
         "--trainer.seed", str(seed), "--sampling.seed", str(seed),
-        "--trainer.progress_bar", "false", *SETTINGS[name],
+        "--trainer.progress_bar", "false", *SETTINGS[name], *(extra or []),
     ]
     print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
@@ -130,7 +131,8 @@ def run_setting(name: str, seed: int, steps: int, root: Path, config: str = "con
     wall = time.perf_counter() - start
     evals = json.loads((out / "evals.json").read_text())
     return {
-        "setting": name, "config": config, "overrides": SETTINGS[name], "seed": seed, "steps": steps,
+        "setting": name, "config": config, "overrides": SETTINGS[name] + (extra or []), "seed": seed,
+        "steps": steps,
         "wall_s": round(wall, 1), "out": str(out),
         "before": summarize(evals["before"]), "after": summarize(evals["after"]),
     }
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="configs/tiny_fixed.yaml",
                    help="the recipe (configs/tiny_cpu.yaml: the main job; rows record it)")
+    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="one more dotted override for every run, e.g. --set cluster.learner.num_threads 1 "
+                        "(the rows measured before 2026-11-29); not part of the row's key")
     p.add_argument("--root", default="runs/sweep_reward")
     p.add_argument("--out", default="bench/results/sweep_reward.json")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
@@ -238,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
-        row = run_setting(name, args.seed, args.steps, REPO / args.root, args.config)
+        extra = [x for key, value in args.set for x in (f"--{key}", value)]
+        row = run_setting(name, args.seed, args.steps, REPO / args.root, args.config, extra)
         rows = json.loads(out.read_text()) if out.exists() else []
         key = (name, args.seed, args.steps, args.config)
         rows = [r for r in rows

@@ -59,6 +59,7 @@ bench: install
 	$(BENCH)/profile_step.py --prompts 4 --group 8 --max-tokens 96 --steps 5 --repeats 5 --out bench/results/profile_step.json
 	$(BENCH)/bench_weight_sync.py --prompts 8 --group 8 --max-tokens 96 --steps 5 --out bench/results/weight_sync.json
 	$(BENCH)/bench_async.py --prompts 8 --group 8 --max-tokens 96 --steps 10 --out bench/results/async.json
+	$(BENCH)/bench_async.py --prompts 8 --group 8 --max-tokens 96 --steps 10 --set cluster.learner.num_threads 1 --out bench/results/async_learner_1_thread.json
 	$(BENCH)/bench_scaling.py --workers 1,2 --prompts 16 --n 8 --max-tokens 96 --iters 3 --out bench/results/scaling.json
 	$(BENCH)/bench_serving.py --checkpoint checkpoints/tiny-sft --concurrency 8 --requests 200 --rounds 3 --out bench/results/serving.json
 	$(BENCH)/report.py

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -17,6 +19,11 @@ def test_profile_step_times_the_step_and_its_parts(run_bench, positive):
                  "learner_logprobs_via_group", "learner_train_via_group", "learner_export", "worker_load_weights"):
         positive(out[part], "min", "median", "max")
         assert len(out[part]["all"]) == 2
-    # Every process's threads are recorded; Ray gives a 1-CPU actor one torch thread.
+    # Every process's threads are recorded; Ray gives a 1-CPU actor one torch thread, and in
+    # sync mode the recipe's learner also takes the rollout worker's core (idle while it trains).
     for role in ("driver", "rollout_worker", "learner", "reward_actor"):
         assert out["processes"][role]["torch_threads"] >= 1
+    procs = out["processes"]
+    assert (procs["rollout_worker"]["torch_threads"], procs["reward_actor"]["torch_threads"]) == (1, 1)
+    assert procs["learner"]["torch_threads"] == min(2, os.cpu_count() or 1)
+    assert procs["learner"]["omp_num_threads"] == str(min(2, os.cpu_count() or 1))

@@ -38,10 +38,7 @@ from bench.common import (
 
 def learner_threads(cfg) -> int:
     """The learner's torch threads as `make_learners` sets them (0 reads as Ray's: 1 per CPU)."""
-    import os
-
-    c = cfg.cluster
-    return c.learner_threads(cfg.algo.mode, c.num_cpus or os.cpu_count() or 1) or int(c.learner.num_cpus)
+    return cfg.cluster.learner_threads(cfg.algo.mode) or int(cfg.cluster.learner.num_cpus)
 
 
 def run_ours(cfg, steps: int, warmup: int) -> dict:

@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+DEFAULT_CONFIG = "configs/tiny_fixed.yaml"
+"""The recipe of rows that do not record theirs (every row before `--config` existed)."""
+
 CAPTION_PENALTIES = [
     "--reward.caption.max_words", "80", "--reward.caption.length_penalty", "1.0",
     "--reward.caption.repetition_ngram", "4", "--reward.caption.repetition_penalty", "2.0",
@@ -116,7 +119,7 @@ def summarize(evals: dict) -> dict:
     }
 
 
-def run_setting(name: str, seed: int, steps: int, root: Path, config: str = "configs/tiny_fixed.yaml",
+def run_setting(name: str, seed: int, steps: int, root: Path, config: str = DEFAULT_CONFIG,
                 extra: list[str] | None = None) -> dict:
     out = root / f"{name}-s{seed}"
     cmd = [
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default="names,cap0.1,cap0.3", help=f"comma-separated, of {list(SETTINGS)}")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", default="configs/tiny_fixed.yaml",
+    p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="the recipe (configs/tiny_cpu.yaml: the main job; rows record it)")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="one more dotted override for every run, e.g. --set cluster.learner.num_threads 1 "
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads(out.read_text()) if out.exists() else []
         key = (name, args.seed, args.steps, args.config)
         rows = [r for r in rows
-                if (r["setting"], r["seed"], r["steps"], r.get("config", "configs/tiny_fixed.yaml")) != key]
+                if (r["setting"], r["seed"], r["steps"], r.get("config", DEFAULT_CONFIG)) != key]
         out.write_text(json.dumps([*rows, row], indent=2) + "\n")
         b, a = row["before"], row["after"]
         print(

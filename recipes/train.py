@@ -508,8 +508,7 @@ def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def make_learners(cfg: ExperimentConfig) -> LearnerGroup:
     c = cfg.cluster
-    threads = c.learner_threads(cfg.algo.mode, c.num_cpus or os.cpu_count() or 1)
-    res = dataclasses.replace(c.learner, num_threads=threads)
+    res = dataclasses.replace(c.learner, num_threads=c.learner_threads(cfg.algo.mode))
     return LearnerGroup(cfg.learner, c.num_learners, res, c.placement_strategy, c.master_port,
                         c.placement_timeout_s)
 

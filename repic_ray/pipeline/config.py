@@ -7,6 +7,7 @@ YAML recipes under `configs/` override these defaults; see `repic_ray.config`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
@@ -160,9 +161,12 @@ class ClusterConfig:
     step 1.01 -> 0.92 s. Ignored in async mode, where generation runs beside the update (2
     learner threads there: step 0.66 -> 1.16 s)."""
 
-    def learner_threads(self, mode: str, cpus: int) -> int:
+    def learner_threads(self, mode: str, cpus: int | None = None) -> int:
         """Torch threads of each learner rank (0: one per reserved CPU, as Ray sets them) for
-        `algo.mode` `mode` on a node of `cpus` cores."""
+        `algo.mode` `mode` on a node of `cpus` cores (None: the local cluster's `num_cpus`,
+        else this machine's)."""
+        if cpus is None:
+            cpus = self.num_cpus or os.cpu_count() or 1
         res = self.learner
         if res.num_threads or not self.sync_learner_takes_rollout_cpus:
             return res.num_threads

@@ -7,6 +7,7 @@ independently and land on the nodes their resources demand.
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import Any
 
@@ -47,10 +48,17 @@ def _role_group(res: RoleResources, count: int, strategy: str, name: str, gpus: 
     return pg
 
 
-def _thread_env(res: RoleResources) -> dict[str, Any] | None:
-    """The actor's runtime env for `res.num_threads` (torch reads OMP_NUM_THREADS at start;
-    Ray would set it to the actor's CPUs)."""
-    return {"env_vars": {"OMP_NUM_THREADS": str(res.num_threads)}} if res.num_threads else None
+def role_threads(res: RoleResources) -> int:
+    """CPU threads of each actor of a role: `num_threads`, else one per reserved CPU (at least one)."""
+    return res.num_threads or max(1, math.floor(res.num_cpus))
+
+
+def _thread_env(res: RoleResources) -> dict[str, Any]:
+    """The actor's runtime env: OMP_NUM_THREADS = `role_threads(res)`, read by torch when the
+    process starts. Ray sets one thread per reserved CPU too, but only where the environment
+    that started the cluster has no OMP_NUM_THREADS: a shell's OMP_NUM_THREADS=16 would give
+    every actor of a node 16 threads."""
+    return {"env_vars": {"OMP_NUM_THREADS": str(role_threads(res))}}
 
 
 def _in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
@@ -74,6 +82,7 @@ def create_rollout_workers(cfg: ExperimentConfig) -> tuple[list[Any], PlacementG
             max_restarts=cfg.cluster.max_actor_restarts,
             max_task_retries=-1,
             scheduling_strategy=_in_bundle(pg, i),
+            runtime_env=_thread_env(res),
         ).remote(cfg.rollout, index=i, num_threads=res.num_threads)
         for i in range(cfg.cluster.num_rollout_workers)
     ]

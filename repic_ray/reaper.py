@@ -32,9 +32,15 @@ def watch_children(interval: float = 0.5) -> subprocess.Popen:
     if proc is None or proc.poll() is not None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "repic_ray.reaper", str(pid), str(interval)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             close_fds=True,
         )
+        # Return once the watcher holds this process and its first look at the children: a
+        # child started after this call is seen, even when the machine is slow to start Python.
+        ready = proc.stdout.readline()
+        proc.stdout.close()
+        if ready.strip() != b"watching":
+            raise RuntimeError(f"the child watcher of process {pid} did not start (exit {proc.poll()})")
         _started[pid] = proc
     return proc
 
@@ -54,6 +60,16 @@ def _end(procs: list[psutil.Process], timeout: float = 5.0) -> None:
             pass
 
 
+def _announce() -> None:
+    """Tell `watch_children` (on stdout, then closed) that the watch has begun."""
+    try:
+        sys.stdout.write("watching\n")
+        sys.stdout.flush()
+        sys.stdout.close()
+    except (OSError, ValueError):
+        pass
+
+
 def watch(parent_pid: int, interval: float = 0.5) -> None:
     """Wait for `parent_pid` to end, then end its last-seen descendants (not this one)."""
     me = os.getpid()
@@ -64,6 +80,7 @@ def watch(parent_pid: int, interval: float = 0.5) -> None:
         return
     leads_group = group == parent_pid
     seen: list[psutil.Process] = []
+    announced = False
     while True:
         try:
             if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
@@ -71,6 +88,9 @@ def watch(parent_pid: int, interval: float = 0.5) -> None:
             seen = [p for p in parent.children(recursive=True) if p.pid != me]
         except psutil.Error:
             break
+        if not announced:
+            _announce()
+            announced = True
         time.sleep(interval)
     # The parent is gone: its children now belong to init (or a subreaper).
     _end(seen)

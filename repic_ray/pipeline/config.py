@@ -110,8 +110,9 @@ class RoleResources:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources per actor (e.g. `{"rollout_node": 1}` to pin a role to nodes)."""
     num_threads: int = 0
-    """CPU threads of each actor of this role (0 = one per reserved CPU, as Ray sets them;
-    a rollout worker's vLLM engine binds this many cores). Measured on 2 cores, tiny recipe,
+    """CPU threads of each actor of this role (0 = one per reserved CPU, at least one: each
+    actor starts with OMP_NUM_THREADS set to it, whatever the environment that started the
+    cluster holds; a rollout worker's vLLM engine binds this many cores). Measured on 2 cores, tiny recipe,
     sync mode: 2 learner threads train a batch in 0.59 s alone (1 thread: 0.87 s) but
     10-12 s inside the pipeline, and 2 vLLM threads generate in 1.5 s (1: 0.56 s): vLLM's
     CPU worker busy-polls its core for ~1 s after every call and wants a core of its own
@@ -162,7 +163,7 @@ class ClusterConfig:
     learner threads there: step 0.66 -> 1.16 s)."""
 
     def learner_threads(self, mode: str, cpus: int | None = None) -> int:
-        """Torch threads of each learner rank (0: one per reserved CPU, as Ray sets them) for
+        """Torch threads of each learner rank (0: one per reserved CPU) for
         `algo.mode` `mode` on a node of `cpus` cores (None: the local cluster's `num_cpus`,
         else this machine's)."""
         if cpus is None:

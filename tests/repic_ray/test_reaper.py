@@ -21,7 +21,7 @@ PARENT = textwrap.dedent("""
     sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
     a = subprocess.Popen(sleep)
     b = subprocess.Popen(sleep, start_new_session=True)
-    time.sleep(0.5)
+    time.sleep(1.0)  # ten looks of the watcher
     print(json.dumps([a.pid, b.pid]), flush=True)
     time.sleep(600)
 """)
@@ -65,6 +65,18 @@ def test_children_end_when_a_group_leading_parent_is_killed():
         assert _gone(kids), "a child outlived its killed parent"
     finally:
         _kill_all(kids)
+
+
+def test_watch_children_returns_once_the_watcher_is_watching():
+    code = textwrap.dedent("""
+        import psutil
+        from repic_ray.reaper import watch_children
+        w = watch_children(0.1)
+        print(w.poll() is None and psutil.Process(w.pid).status() != psutil.STATUS_ZOMBIE, flush=True)
+        print(watch_children(0.1) is w, flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.stdout.split() == ["True", "True"], out.stderr
 
 
 def test_a_parent_that_does_not_lead_its_group_leaves_the_group_alone():

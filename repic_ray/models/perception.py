@@ -337,6 +337,13 @@ class GdinoTrainConfig:
     the words stay apart and the image side learns to match them."""
     init: str = ""
     """Continue from this checkpoint directory (its architecture wins over the above)."""
+    category_map_weight: float = 0.0
+    """Weight of an auxiliary dense loss during training: a 1x1 convolution on the
+    backbone's finest feature level predicts, for every cell, the category of the object
+    whose box holds the cell's centre (or background), cross-entropy against the world's
+    boxes. It asks the backbone for shape-telling features at every location, which the
+    set-prediction loss teaches only through the matched queries. The head is dropped
+    from the saved checkpoint (0: off)."""
     seed: int = 0
     threads: int = 1
 
@@ -498,9 +505,11 @@ def gdino_detection_loss(logits, labels, device, pred_boxes, config, label_maps,
     return loss, loss_dict, aux
 
 
-def _gdino_sample(rng: random.Random, mapping: dict[str, str], single: float):
+def _gdino_sample(rng: random.Random, mapping: dict[str, str], single: float, with_objects: bool = False):
     """(image, prompt, labels): a random scene of 1-7 objects of any triple, a prompt of
-    categories and the targets of the prompted categories (cx, cy, w, h in [0, 1])."""
+    categories and the targets of the prompted categories (cx, cy, w, h in [0, 1]); with
+    `with_objects`, also every object's (category index in CATEGORIES, box in [0, 1] as
+    x1, y1, x2, y2)."""
     every = all_triples()
     img, objects = draw_scene(rng, rng.sample(every, rng.randint(1, 7)))
     size = img.size[0]
@@ -523,7 +532,34 @@ def _gdino_sample(rng: random.Random, mapping: dict[str, str], single: float):
                           (y2 - y1) / size])
     target = {"class_labels": torch.tensor(labels, dtype=torch.long),
               "boxes": torch.tensor(boxes, dtype=torch.float).reshape(-1, 4)}
+    if with_objects:
+        every_object = [(CATEGORIES.index(mapping[t[0]]), [v / size for v in box]) for t, box in objects]
+        return img, prompt, target, every_object
     return img, prompt, target
+
+
+def category_map(objects: list[tuple[int, list[float]]], height: int, width: int) -> torch.Tensor:
+    """(height, width) long tensor: for each cell of a feature map over the image, 1 + the
+    category index of the smallest object box holding the cell's centre, else 0."""
+    out = torch.zeros(height, width, dtype=torch.long)
+    ys = (torch.arange(height, dtype=torch.float) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float) + 0.5) / width
+    for cat, (x1, y1, x2, y2) in sorted(objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
+        inside = ((ys >= y1) & (ys <= y2))[:, None] & ((xs >= x1) & (xs <= x2))[None, :]
+        out[inside] = cat + 1
+    return out
+
+
+class _FinestFeatures:
+    """Keeps the backbone's finest feature map of the last forward (a forward hook)."""
+
+    def __init__(self, model) -> None:
+        self.features: torch.Tensor | None = None
+        self.handle = model.model.backbone.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        feature_maps, _ = output
+        self.features = feature_maps[0][0]
 
 
 def train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
@@ -551,8 +587,14 @@ def _train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
     if cfg.freeze_text:
         for q in _text_path_parameters(model):
             q.requires_grad_(False)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    trained = [q for q in model.parameters() if q.requires_grad]
+    head = finest = None
+    if cfg.category_map_weight > 0:
+        finest = _FinestFeatures(model)
+        channels = model.model.backbone.conv_encoder.intermediate_channel_sizes[0]
+        head = torch.nn.Conv2d(channels, 1 + len(CATEGORIES), 1)
+        trained += list(head.parameters())
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -565,11 +607,18 @@ def _train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
         model.train()
         if cfg.freeze_text:
             model.model.text_backbone.eval()
-        batch = [_gdino_sample(rng, mapping, cfg.single_prompt) for _ in range(cfg.batch_size)]
+        batch = [_gdino_sample(rng, mapping, cfg.single_prompt, with_objects=True)
+                 for _ in range(cfg.batch_size)]
         enc = processor(images=[b[0] for b in batch], text=[b[1] for b in batch],
                         return_tensors="pt", padding=True)
         outputs = model(**enc, labels=[b[2] for b in batch])
         loss = outputs.loss
+        map_loss = None
+        if head is not None:
+            feats = finest.features
+            want = torch.stack([category_map(b[3], feats.shape[2], feats.shape[3]) for b in batch])
+            map_loss = F.cross_entropy(head(feats), want)
+            loss = loss + cfg.category_map_weight * map_loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
@@ -579,6 +628,7 @@ def _train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
             row = {"step": step, "loss": round(float(loss), 4),
                    **{k: round(float(ld[k]), 4) for k in ("loss_ce", "loss_bbox", "loss_giou")
                       if k in ld},
+                   **({"loss_category_map": round(float(map_loss), 4)} if map_loss is not None else {}),
                    "seconds": round(time.time() - t0, 1)}
             if (step % eval_every == 0 and step) or step == cfg.steps - 1:
                 model.eval()

@@ -103,6 +103,28 @@ def test_fixed_detection_loss_equals_transformers_on_one_image():
     assert torch.isclose(stock, fixed)
 
 
+def test_category_map_marks_the_cells_inside_each_box_with_its_category():
+    from repic_ray.models.perception import category_map
+
+    # a large object (category 2) holding a small one (category 5) in its lower right
+    m = category_map([(2, [0.0, 0.0, 0.75, 0.75]), (5, [0.5, 0.5, 0.75, 0.75])], 4, 4)
+    assert m.tolist() == [[3, 3, 3, 0],
+                          [3, 3, 3, 0],
+                          [3, 3, 6, 0],
+                          [0, 0, 0, 0]]
+
+
+def test_the_category_map_loss_trains_a_head_the_checkpoint_does_not_keep(tmp_path):
+    from repic_ray.models.perception import GdinoTrainConfig, train_gdino
+
+    cfg = GdinoTrainConfig(steps=2, batch_size=2, d_model=32, num_queries=8, category_map_weight=5.0)
+    out = train_gdino(tmp_path / "gd", cfg, log_every=1, eval_every=10_000)
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["loss_category_map"] > 0 for r in rows)
+    _, model = load_detector(str(out))
+    assert type(model).__name__ == "GroundingDinoForObjectDetection"
+
+
 def test_shipped_checkpoints_resolve_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for spec in (SHIPPED_CLIP, SHIPPED_DETECTOR):

@@ -177,11 +177,9 @@ def run_pipeline(cfg, steps: int, warmup: int, after_step=None) -> dict[str, Any
                 step_seconds.append(time.perf_counter() - t)
         drain = 0.0
         if run.pending is not None:  # async: the rollout launched for a step that will not run
-            import ray
-
             with Stopwatch() as dw:
-                ray.get(run.pending.refs)
-            drain, run.pending = dw.seconds, None
+                driver.drain_pending(run)
+            drain = dw.seconds
     finally:
         driver.shutdown(run)
     P, G = cfg.algo.prompts_per_step, cfg.algo.group_size

@@ -30,7 +30,9 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +96,23 @@ class PendingRollout:
     """Ray object refs of the workers' results (`collect_rollouts` waits on them)."""
     version: int
     """Policy version the rollouts are generated with."""
+    scoring: Future | None = None
+    """Async mode: the rollouts collected and scored by a driver thread while the learner
+    trains (a `ScoredRollouts`); None: collected and scored when the step needs them."""
+
+
+@dataclass
+class ScoredRollouts:
+    """A step's rollouts collected and scored: what the reward phase hands the experience phase."""
+
+    results: dict[str, RolloutResult]
+    completions: list
+    """(request, completion) per sample, prompt by prompt."""
+    index: list[int]
+    """Each sample's prompt."""
+    scored: RewardOutput
+    seconds: float
+    """How long collecting and scoring took once the rollouts were in."""
 
 
 @dataclass
@@ -178,6 +197,54 @@ def score_all(run: Run, inputs: list) -> RewardOutput:
 # ------------------------------------------------------------------------- one step
 
 
+def collect_and_score(run: Run, pending: PendingRollout,
+                      results: dict[str, RolloutResult] | None = None) -> ScoredRollouts:
+    """Wait for `pending`'s rollouts (unless their `results` are given), then score every
+    completion on the reward actors."""
+    if results is None:
+        results = collect_rollouts(pending.refs, pending.requests)
+    start = time.perf_counter()
+    inputs, index, completions = [], [], []
+    for p, (uid, sample) in enumerate(pending.items):
+        comps = results[uid].completions
+        inputs += reward_inputs(sample, comps, run.data.categories)
+        completions += [(pending.requests[p], c) for c in comps]
+        index += [p] * len(comps)
+    scored = score_all(run, inputs)
+    return ScoredRollouts(results, completions, index, scored, time.perf_counter() - start)
+
+
+def in_background(fn, *args) -> Future:
+    """`fn(*args)` on a daemon thread of the driver; its result or exception in the future."""
+    future: Future = Future()
+
+    def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="collect-and-score", daemon=True).start()
+    return future
+
+
+def drain_pending(run: Run) -> None:
+    """Async mode: wait out the rollouts (and their scoring) launched for a step that will not
+    run, so no worker or reward actor is still busy with them; errors there no longer matter."""
+    pending, run.pending = run.pending, None
+    if pending is None:
+        return
+    try:
+        if pending.scoring is not None:
+            pending.scoring.result()
+        else:
+            ray.get(pending.refs)
+    except Exception as exc:  # noqa: BLE001 - the step they were for is not run
+        log.info("rollouts of an abandoned step ended with %s", exc)
+
+
 def sample_rollouts(run: Run) -> PendingRollout:
     """Draw the next P prompts and launch their rollouts (not waiting for them)."""
     cfg = run.cfg
@@ -214,26 +281,29 @@ def training_step(run: Run) -> dict[str, float]:
     """One RL step; returns its metrics."""
     cfg, timer = run.cfg, PhaseTimer()
 
-    # 1-2. prompts -> rollouts (async: this step's rollouts were launched last step)
+    # 1-3. prompts -> rollouts -> rewards. Async: this step's rollouts were launched last
+    # step and a driver thread collected and scored them while the learner trained; the
+    # next step's are launched here and scored the same way during this step's update.
     with timer("generate"):
         pending = run.pending or sample_rollouts(run)
-        items, requests = pending.items, pending.requests
-        results = collect_rollouts(pending.refs, requests)
-        run.pending = sample_rollouts(run) if cfg.algo.mode == "async" else None
+        items = pending.items
+        done = pending.scoring.result() if pending.scoring is not None else None
+        if done is None:
+            results = collect_rollouts(pending.refs, pending.requests)
+        if cfg.algo.mode == "async":
+            run.pending = sample_rollouts(run)
+            run.pending.scoring = in_background(collect_and_score, run, run.pending)
+        else:
+            run.pending = None
     for uid, _ in items:
         if uid in run.seen_uids:
             raise RuntimeError(f"prompt {uid} trained twice")
         run.seen_uids.add(uid)
 
-    # 3. rewards
     with timer("reward"):
-        inputs, index, completions = [], [], []
-        for p, (uid, sample) in enumerate(items):
-            comps = results[uid].completions
-            inputs += reward_inputs(sample, comps, run.data.categories)
-            completions += [(requests[p], c) for c in comps]
-            index += [p] * len(comps)
-        scored = score_all(run, inputs)
+        if done is None:
+            done = collect_and_score(run, pending, results)
+        completions, index, scored = done.completions, done.index, done.scored
 
     # 4. experience: old log-probs, advantages
     with timer("experience"):
@@ -295,6 +365,9 @@ def training_step(run: Run) -> dict[str, float]:
         "response/at_cap_frac": float(np.mean([c.finish_reason == "length" for _, c in completions])),
         "rollout/logprob_mismatch": mismatch,
         "rollout/staleness": float(run.version - 1 - pending.version),
+        # collecting and scoring once the rollouts were in (async: on the driver's thread,
+        # during the previous step's update; time/reward is what this step waited for it)
+        "perf/score_s": done.seconds,
         "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
         **{f"time/{k}": v for k, v in timer.seconds.items()},
         **rollout_worker_metrics(run.handles.rollout),
@@ -584,9 +657,7 @@ def fit(run: Run) -> dict[str, Any]:
             progress.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}", kl=f"{metrics['train/kl']:.4f}")
     if progress is not None:
         progress.close()
-    if run.pending is not None:  # async: drain the rollout launched for a step that will not run
-        ray.get(run.pending.refs)
-        run.pending = None
+    drain_pending(run)  # async: the rollouts launched for a step that will not run
     if not checkpoint_dirs(run.out) or checkpoint_dirs(run.out)[-1].name != f"step_{run.step:06d}":
         save_checkpoint(run)
     if run.data.eval_splits:

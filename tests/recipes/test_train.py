@@ -160,8 +160,11 @@ def test_async_mode_overlaps_generation_with_the_update(run):
     assert run.pending is not None and run.pending.version == run.version - 1
     second = train.training_step(run)  # trains on rollouts from one version back
     assert first["rollout/staleness"] == 0 and second["rollout/staleness"] == 1
-    ray.get(run.pending.refs)  # drain the rollouts of a step that will not run
-    run.pending = None
+    # the second step's rollouts were collected and scored during the first step's update
+    assert first["perf/score_s"] > 0 and second["perf/score_s"] > 0
+    assert run.pending.scoring is not None
+    train.drain_pending(run)  # the rollouts of a step that will not run
+    assert run.pending is None
     run.cfg.algo.mode = "sync"
 
 

@@ -78,8 +78,8 @@ class AlgoConfig:
     """Optimizer passes over each rollout batch (PPO epochs); 1 = on-policy GRPO."""
     mode: Literal["sync", "async"] = "sync"
     """`sync`: generate with the newest weights (RePIC). `async`: one-step off-policy:
-    generation of step t+1 overlaps the update of step t; the importance ratio uses the
-    rollout-time log-probs and staleness is logged."""
+    generation and reward scoring of step t+1 overlap the update of step t; the importance
+    ratio uses the rollout-time log-probs and staleness is logged."""
     ptx_coef: float = 0.0
     """Supervised cross-entropy on the SFT data mixed into every RL update: loss = RL loss
     + ptx_coef x token-mean cross-entropy of `ptx_batch_size` SFT samples, in the same

@@ -94,14 +94,11 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
 
 
 # Modules that start several vLLM engines, Ray clusters or DeepSpeed learners at once.
-# Two of them together exceed this machine's 24 GiB. Under the test command's
-# `pytest -n 2 --dist loadgroup` they form one xdist group, run one after the other by one
-# worker, while the other worker takes the rest file by file (every other module is a
-# group of its own, as `--dist loadfile` would make it); a worker never waits on the other.
-# Each also holds an exclusive file lock for its whole run, so any other way of running
-# the suite keeps them apart too (fixture waits are not counted by pytest-timeout:
-# `timeout_func_only`).
-HEAVY = ("tests/actors/", "tests/recipes/test_train.py", "tests/recipes/test_cli.py",
+# Under `pytest -n 2 --dist loadfile` two of them together exceed this machine's 24 GiB,
+# so each holds an exclusive file lock for its whole run: heavy modules run one at a
+# time (fixture waits are not counted by pytest-timeout: `timeout_func_only`). Only
+# modules that need it are listed: a worker on a listed module may wait for the other.
+HEAVY = ("tests/actors/test_scaling.py", "tests/actors/test_workers.py", "tests/recipes/test_train.py", "tests/recipes/test_cli.py",
          "tests/recipes/test_train_resume.py", "tests/recipes/test_chaos.py",
          "tests/bench/test_bench_", "tests/deploy/test_job_submit.py",
          "tests/deploy/test_serve.py", "tests/deploy/test_serve_newcomer.py",
@@ -112,12 +109,6 @@ _ROOT = Path(__file__).resolve().parents[1]
 
 def _rel(path) -> str:
     return Path(str(path)).resolve().relative_to(_ROOT).as_posix()
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        rel = _rel(item.fspath)
-        item.add_marker(pytest.mark.xdist_group("heavy" if rel.startswith(HEAVY) else rel))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -98,7 +98,8 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
 # so each holds an exclusive file lock for its whole run: heavy modules run one at a
 # time (fixture waits are not counted by pytest-timeout: `timeout_func_only`). Only
 # modules that need it are listed: a worker on a listed module may wait for the other.
-HEAVY = ("tests/actors/test_scaling.py", "tests/actors/test_workers.py", "tests/recipes/test_train.py", "tests/recipes/test_cli.py",
+HEAVY = ("tests/actors/test_scaling.py", "tests/actors/test_workers.py",
+         "tests/recipes/test_train.py", "tests/recipes/test_cli.py",
          "tests/recipes/test_train_resume.py", "tests/recipes/test_chaos.py",
          "tests/bench/test_bench_", "tests/deploy/test_job_submit.py",
          "tests/deploy/test_serve.py", "tests/deploy/test_serve_newcomer.py",

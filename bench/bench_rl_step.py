@@ -37,8 +37,11 @@ from bench.common import (
 
 
 def learner_threads(cfg) -> int:
-    """The learner's torch threads as `make_learners` sets them (0 reads as Ray's: 1 per CPU)."""
-    return cfg.cluster.learner_threads(cfg.algo.mode) or int(cfg.cluster.learner.num_cpus)
+    """The learner's torch threads as `make_learners` sets them."""
+    from actors.roles import role_threads
+    from recipes.train import learner_resources
+
+    return role_threads(learner_resources(cfg))
 
 
 def run_ours(cfg, steps: int, warmup: int) -> dict:

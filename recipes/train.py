@@ -51,7 +51,7 @@ from repic_ray.config import dump_yaml, to_dict
 from repic_ray.evaluation import binding
 from repic_ray.evaluation.quality import repeated_ngram_rate, split_quality
 from repic_ray.models.loading import load_processor, resolve_checkpoint
-from repic_ray.pipeline.config import ExperimentConfig
+from repic_ray.pipeline.config import ExperimentConfig, RoleResources
 from repic_ray.pipeline.drift import DriftMonitor
 from repic_ray.pipeline.episodes import (
     RunData,
@@ -105,7 +105,6 @@ class PendingRollout:
 class ScoredRollouts:
     """A step's rollouts collected and scored: what the reward phase hands the experience phase."""
 
-    results: dict[str, RolloutResult]
     completions: list
     """(request, completion) per sample, prompt by prompt."""
     index: list[int]
@@ -211,7 +210,7 @@ def collect_and_score(run: Run, pending: PendingRollout,
         completions += [(pending.requests[p], c) for c in comps]
         index += [p] * len(comps)
     scored = score_all(run, inputs)
-    return ScoredRollouts(results, completions, index, scored, time.perf_counter() - start)
+    return ScoredRollouts(completions, index, scored, time.perf_counter() - start)
 
 
 def in_background(fn, *args) -> Future:
@@ -579,11 +578,16 @@ def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+def learner_resources(cfg: ExperimentConfig) -> RoleResources:
+    """The learner role's resources, with the threads `ClusterConfig.learner_threads` gives
+    this run's mode."""
+    return dataclasses.replace(cfg.cluster.learner, num_threads=cfg.cluster.learner_threads(cfg.algo.mode))
+
+
 def make_learners(cfg: ExperimentConfig) -> LearnerGroup:
     c = cfg.cluster
-    res = dataclasses.replace(c.learner, num_threads=c.learner_threads(cfg.algo.mode))
-    return LearnerGroup(cfg.learner, c.num_learners, res, c.placement_strategy, c.master_port,
-                        c.placement_timeout_s)
+    return LearnerGroup(cfg.learner, c.num_learners, learner_resources(cfg), c.placement_strategy,
+                        c.master_port, c.placement_timeout_s)
 
 
 def start_run(cfg: ExperimentConfig) -> Run:

@@ -108,15 +108,11 @@ HEAVY = ("tests/actors/test_scaling.py", "tests/actors/test_workers.py",
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rel(path) -> str:
-    return Path(str(path)).resolve().relative_to(_ROOT).as_posix()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_heavy_module_at_a_time(request):
     import fcntl
 
-    rel = _rel(request.fspath)
+    rel = Path(str(request.fspath)).resolve().relative_to(_ROOT).as_posix()
     if not rel.startswith(HEAVY):
         yield
         return

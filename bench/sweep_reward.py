@@ -93,6 +93,12 @@ SETTINGS: dict[str, list[str]] = {
     "rep3x-cut1": ["--reward.caption.repetition_penalty", "3.0", "--reward.caption.truncation_penalty", "1.0",
                    "--sampling.greedy_member", "true"],
     "cut1": ["--reward.caption.truncation_penalty", "1.0", "--sampling.greedy_member", "true"],
+    # the recipe plus the description reward (true attribute phrases, names bound to their
+    # own object's attributes), at two weights, and its binding half alone
+    "desc0.5": ["--reward.description_weight", "0.5", "--sampling.greedy_member", "true"],
+    "desc1": ["--reward.description_weight", "1.0", "--sampling.greedy_member", "true"],
+    "bound1": ["--reward.description_weight", "1.0", "--reward.description.truth_weight", "0",
+               "--sampling.greedy_member", "true"],
 }
 
 
@@ -116,6 +122,10 @@ def summarize(evals: dict) -> dict:
         "mean_words": pooled.get("mean_words"),
         "at_cap": pooled.get("at_cap"),
         "quality": q,
+        # names on their own object's category (>=3 concepts) and true attribute phrases
+        # (all splits), where the evaluation knows the objects
+        "k3plus_bound": evals.get("binding", {}).get("k3plus", {}).get("bound_rate"),
+        "true_descriptions": evals.get("binding", {}).get("pooled", {}).get("true_descriptions"),
     }
 
 

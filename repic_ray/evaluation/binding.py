@@ -27,11 +27,10 @@ Counts are kept beside the rates so that splits pool by summing.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
-from repic_ray.data.vocab import COLOURS, PATTERNS, SHAPE_CATEGORY
+from repic_ray.rewards.description import drawn, phrases
 from repic_ray.rewards.names import grounded_names, name_scores
 
 
@@ -41,18 +40,11 @@ def sample_categories(sample: Any) -> dict[str, str]:
             if isinstance(o, dict) and o.get("name") and o.get("category")}
 
 
-_PHRASE = re.compile(
-    r"(?=\b(" + "|".join(COLOURS) + r") (" + "|".join(PATTERNS) + r") ("
-    + "|".join(sorted(set(SHAPE_CATEGORY.values()))) + r")s?\b)"
-)
-
-
 def descriptions(caption: str, sample: Any) -> tuple[int, int]:
     """(attribute phrases in `caption`, those matching an object of `sample`)."""
-    drawn = {(o.get("colour"), o.get("pattern"), o.get("category"))
-             for o in getattr(sample, "objects", None) or [] if isinstance(o, dict)}
-    found = [m.groups() for m in _PHRASE.finditer(caption.lower())]
-    return len(found), sum(f in drawn for f in found)
+    found = phrases(caption)
+    objects = [o for o in getattr(sample, "objects", None) or [] if isinstance(o, dict)]
+    return len(found), sum(f in drawn(objects) for f in found)
 
 
 def binding_counts(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, float] | None:

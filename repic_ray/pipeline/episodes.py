@@ -120,6 +120,8 @@ def reward_inputs(sample: TrainSample, completions: list[Completion], categories
     cats = {n: categories[n] for n in set(present) | set(candidates) if n in categories}
     # Per-episode names are not in the database; the drawn objects know their category.
     cats.update({o["name"]: o["category"] for o in sample.objects or [] if o.get("name") and o.get("category")})
+    objects = [{k: o[k] for k in ("name", "colour", "pattern", "category") if o.get(k)}
+               for o in sample.objects or [] if isinstance(o, dict)]
     return [
         RewardInput(
             completion=c.text,
@@ -131,6 +133,7 @@ def reward_inputs(sample: TrainSample, completions: list[Completion], categories
             categories=cats,
             reference_captions=sample_references(sample),
             truncated=c.finish_reason == "length",
+            objects=objects,
         )
         for c in completions
     ]

@@ -45,6 +45,10 @@ class RewardInput:
     """Human / template reference captions of the query image (caption-quality reward)."""
     truncated: bool = False
     """The completion was cut at the sampling token limit (its end is missing)."""
+    objects: list[dict] = field(default_factory=list)
+    """The query image's drawn objects where known (the synthetic world's: "colour",
+    "pattern", "category", and "name" for a concept); the description reward checks the
+    caption against them."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.completion, str):
@@ -59,6 +63,9 @@ class RewardInput:
             raise TypeError(
                 f"categories: expected a dict name -> category, got {self.categories!r}"
             )
+        if not isinstance(self.objects, (list, tuple)) or not all(
+                isinstance(o, dict) for o in self.objects):
+            raise ValueError(f"objects: expected a list of dicts, got {self.objects!r}")
 
 
 @dataclass

@@ -4,6 +4,7 @@
             + name_weight       · name_B              (caption tasks only)
             + detector_weight   · detector_B          (caption tasks only)
             + caption_weight    · caption_B           (caption tasks only)
+            + description_weight · description_B      (caption tasks only)
 
 Caption tasks are `RewardConfig.caption_tasks` (default: yes_no_name,
 yes_no_name_multi, caption); on other tasks (yes_no, iou) the caption-level
@@ -22,6 +23,7 @@ import numpy as np
 
 from repic_ray.rewards.base import CAPTION_TASKS, TASKS, Reward, RewardInput, RewardOutput
 from repic_ray.rewards.caption import CaptionReward, CaptionRewardConfig
+from repic_ray.rewards.description import DescriptionReward, DescriptionRewardConfig
 from repic_ray.rewards.detector import DetectorReward, DetectorRewardConfig, unpack_detector
 from repic_ray.rewards.names import NameReward, NameRewardConfig
 from repic_ray.rewards.verifiable import VerifiableConfig, VerifiableReward
@@ -39,6 +41,9 @@ class RewardConfig:
     """Weight of the detector-verified recognition reward (loads the detector when > 0)."""
     caption_weight: float = 0.0
     """Weight of the caption-quality reward (CIDEr-D and penalties; needs a reference corpus)."""
+    description_weight: float = 0.0
+    """Weight of the description reward (true attribute phrases, names bound to their own
+    object's attributes; needs the query images' objects, as the synthetic world gives)."""
     caption_tasks: list[str] = field(default_factory=lambda: list(CAPTION_TASKS))
     """Tasks whose completions are captions; name/detector/caption rewards apply only to these."""
     verifiable: VerifiableConfig = field(default_factory=VerifiableConfig)
@@ -49,9 +54,12 @@ class RewardConfig:
     """Detector-verified recognition reward."""
     caption: CaptionRewardConfig = field(default_factory=CaptionRewardConfig)
     """Caption-quality reward."""
+    description: DescriptionRewardConfig = field(default_factory=DescriptionRewardConfig)
+    """Description reward."""
 
     def __post_init__(self) -> None:
-        for key in ("verifiable_weight", "name_weight", "detector_weight", "caption_weight"):
+        for key in ("verifiable_weight", "name_weight", "detector_weight", "caption_weight",
+                    "description_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
         bad = [t for t in self.caption_tasks if t not in TASKS]
@@ -118,6 +126,9 @@ def build_reward(
         parts.append(
             ("caption", cfg.caption_weight, CaptionReward(cfg.caption, reference_corpus, tasks))
         )
+    if cfg.description_weight > 0:
+        parts.append(("description", cfg.description_weight,
+                      DescriptionReward(cfg.description, tasks)))
     if not parts:
         raise ValueError("RewardConfig: every weight is 0; set at least one *_weight > 0")
     return CompositeReward(parts)

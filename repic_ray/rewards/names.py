@@ -112,6 +112,29 @@ def name_scores(
     return len(correct), len(wrong), n_gt
 
 
+def mention_segments(
+    caption: str, names: Sequence[str], case_sensitive: bool = False
+) -> list[tuple[str, str]]:
+    """(name key, description) of every mention of `names` in `caption`, in text order.
+
+    A mention's description is the rest of its sentence, cut at the names before and after
+    it in that sentence: "Bo the red dog sits at the top." and "The red dog at the top is
+    Bo." both describe Bo as a red dog.
+    """
+    spans = name_spans(caption, names, case_sensitive=case_sensitive)
+    ends = [m.start() + 1 for m in _SENTENCE_END.finditer(caption)]
+    out: list[tuple[str, str]] = []
+    for i, (start, end, name) in enumerate(spans):
+        lo = max([0, *(e for e in ends if e <= start)])
+        hi = min([len(caption), *(e for e in ends if e > end - 1)])
+        if i > 0:
+            lo = max(lo, spans[i - 1][1])
+        if i + 1 < len(spans):
+            hi = min(hi, spans[i + 1][0])
+        out.append((name_key(name, case_sensitive), caption[lo:start] + " " + caption[end:hi]))
+    return out
+
+
 def grounded_names(
     caption: str,
     concept_names: Sequence[str],
@@ -121,16 +144,14 @@ def grounded_names(
 ) -> tuple[set[str], int]:
     """(keys of present concepts named with their own category, misbound mentions).
 
-    A mention's description is the rest of its sentence, cut at the names before and after
-    it in that sentence ("Bo the red dog sits at the top." and "The red dog at the top is
-    Bo." both describe Bo as a dog); it grounds the concept when it holds the concept's
-    category as a whole word (a plural "s" allowed). A present concept without a category
-    entry is grounded by any mention. A misbound mention is one of a present concept whose
-    description holds another reference's category and not its own.
+    A mention (its description as `mention_segments` cuts it) grounds the concept when the
+    description holds the concept's category as a whole word (a plural "s" allowed). A
+    present concept without a category entry is grounded by any mention. A misbound mention
+    is one of a present concept whose description holds another reference's category and
+    not its own.
     """
     names = [*concept_names, *candidate_names]
     present = {name_key(c, case_sensitive) for c in concept_names}
-    spans = name_spans(caption, names, case_sensitive=case_sensitive)
     grounded: set[str] = set()
     misbound = 0
     # the references' categories, keyed like the names ("<Bo>" in `categories` serves "Bo")
@@ -139,22 +160,13 @@ def grounded_names(
     for n, c in categories.items():
         if (k := name_key(n, case_sensitive)) in keys:
             cats.setdefault(k, c)
-    ends = [m.start() + 1 for m in _SENTENCE_END.finditer(caption)]
-    for i, (start, end, name) in enumerate(spans):
-        key = name_key(name, case_sensitive)
+    for key, text in mention_segments(caption, names, case_sensitive):
         if key not in present:
             continue
         own = cats.get(key)
         if own is None:
             grounded.add(key)
             continue
-        lo = max([0, *(e for e in ends if e <= start)])
-        hi = min([len(caption), *(e for e in ends if e > end - 1)])
-        if i > 0:
-            lo = max(lo, spans[i - 1][1])
-        if i + 1 < len(spans):
-            hi = min(hi, spans[i + 1][0])
-        text = caption[lo:start] + " " + caption[end:hi]
         words = set(re.findall(r"[a-z]+", text.lower()))
         words |= {w[:-1] for w in words if w.endswith("s")}
         if own.lower() in words:

@@ -23,3 +23,5 @@ def test_reward_inputs_carry_names_categories_references_and_truncation():
     assert first.reference_captions == ["Bo the brown dog sits at the left."]
     assert first.image_path == sample.query_image
     assert (first.truncated, second.truncated) == (False, True)
+    # the drawn objects' attributes, for the description reward (no boxes)
+    assert first.objects == [{"name": "Bo", "category": "dog"}, {"category": "mug"}]

@@ -43,8 +43,8 @@ def sample_categories(sample: Any) -> dict[str, str]:
 def descriptions(caption: str, sample: Any) -> tuple[int, int]:
     """(attribute phrases in `caption`, those matching an object of `sample`)."""
     found = phrases(caption)
-    objects = [o for o in getattr(sample, "objects", None) or [] if isinstance(o, dict)]
-    return len(found), sum(f in drawn(objects) for f in found)
+    in_image = drawn([o for o in getattr(sample, "objects", None) or [] if isinstance(o, dict)])
+    return len(found), sum(f in in_image for f in found)
 
 
 def binding_counts(captions: Sequence[str], samples: Sequence[Any]) -> dict[str, float] | None:

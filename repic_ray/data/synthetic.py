@@ -119,6 +119,13 @@ class WorldConfig:
     """Short-answer binding samples appended to sft.jsonl after the auxiliary ones: one
     present concept, its reference and 1..max_absent_refs absent ones, the question
     "Who is in the image?" and the target just the present concept's name (`task` "who")."""
+    num_sft_who_multi: int = 0
+    """Short-answer binding samples among several concepts, appended after the "who" ones:
+    2..max_k present concepts with their references and absent ones, the question "Who is at
+    the <position>?" (or "Who is the <colour> <pattern> <category> at the <position>?") about
+    one present concept, the
+    target its name alone (`task` "who"): which reference is this object, where a caption
+    of several concepts has to tell them apart."""
     num_eval_per_k: int = 24
     """Evaluation queries per concept count k (files eval/concepts_{k}.json)."""
     max_concepts_per_image: int = 5
@@ -156,7 +163,8 @@ class WorldConfig:
                         else min(len(NAMES), len(SHAPES) * len(COLOURS) * len(PATTERNS)))
         if not 2 <= self.num_concepts <= max_concepts:
             raise ValueError(f"num_concepts: must be in [2, {max_concepts}], got {self.num_concepts}")
-        for name in ("num_train", "num_sft", "num_sft_aux", "num_sft_who", "num_eval_per_k"):
+        for name in ("num_train", "num_sft", "num_sft_aux", "num_sft_who", "num_sft_who_multi",
+                     "num_eval_per_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.caption_style not in CAPTION_STYLES:
@@ -725,6 +733,20 @@ class _World:
         sample.target = sample.solution
         return sample
 
+    def who_multi_sample(self, query: Path) -> TrainSample:
+        """"Who is at the <position>?" or "Who is the <colour> <pattern> <category> at the
+        <position>?" about one of the 2..max_k concepts of a query; the target is that
+        concept's name alone."""
+        sample = self.caption_sample(self.rng.randint(2, self.cfg.max_k), query)
+        asked = self.rng.choice([o for o in sample.objects if o.get("name")])
+        # half of the questions give the place alone, so that the answer needs the query image
+        described = (f"the {asked['colour']} {asked['pattern']} {asked['category']} "
+                     if self.rng.random() < 0.5 else "")
+        sample.problem = f"Who is {described}at the {asked['position']}?"
+        sample.accu_reward_method = "yes_no_name"
+        sample.target = sample.solution = asked["name"]
+        return sample
+
     def yes_no_sample(self, query: Path) -> TrainSample:
         """"Is <Bo> in this image?" with Bo's reference; yes half of the time."""
         asked = self.rng.choice(self.active)
@@ -842,6 +864,10 @@ def generate_world(out_dir: str | Path, *, config: WorldConfig | None = None,
     start = cfg.num_sft + cfg.num_sft_aux
     for i in range(start, start + cfg.num_sft_who):
         sft.append(w.who_sample(img_dir / "sft" / f"{i:05d}.png"))
+        sft[-1].extra["task"] = "who"
+    start += cfg.num_sft_who
+    for i in range(start, start + cfg.num_sft_who_multi):
+        sft.append(w.who_multi_sample(img_dir / "sft" / f"{i:05d}.png"))
         sft[-1].extra["task"] = "who"
     save_samples(sft, paths.sft)
 

@@ -311,6 +311,32 @@ def test_who_samples_answer_with_the_present_concepts_name_only(tmp_path):
         WorldConfig(num_sft_who=-1)
 
 
+def test_who_multi_samples_ask_for_one_object_among_several(tmp_path):
+    w = generate_world(tmp_path, seed=4, names="open", num_concepts=12, num_train=0, num_sft=1,
+                       num_sft_aux=0, num_sft_who=1, num_sft_who_multi=40, num_eval_per_k=0,
+                       max_concepts_per_image=4, max_absent_refs=1)
+    sft = load_samples(w.sft)
+    multi = sft[2:]
+    assert len(sft) == 42 and all(s.extra["task"] == "who" for s in sft[1:])
+    with_attributes = 0
+    for s in multi:
+        assert 2 <= len(s.concepts) <= 4 and s.target == s.solution and s.solution in s.concepts
+        (asked,) = [o for o in s.objects if o["name"] == s.target]
+        # the question names the asked object's place, which no other object shares
+        assert s.problem.endswith(f"at the {asked['position']}?")
+        assert [o["position"] for o in s.objects].count(asked["position"]) == 1
+        described = f"{asked['colour']} {asked['pattern']} {asked['category']}"
+        with_attributes += s.problem == f"Who is the {described} at the {asked['position']}?"
+        assert s.problem in (f"Who is at the {asked['position']}?",
+                             f"Who is the {described} at the {asked['position']}?")
+        # every present concept's reference is shown, under its name
+        assert set(s.concepts) <= set(s.ref_names)
+    # some questions give the place alone, so the query image has to be read
+    assert 0 < with_attributes < len(multi)
+    with pytest.raises(ValueError, match="num_sft_who_multi"):
+        WorldConfig(num_sft_who_multi=-1)
+
+
 def test_cell_queries_cut_each_query_to_its_concepts_cell(tmp_path):
     from repic_ray.data.cell_queries import convert
 

@@ -163,6 +163,8 @@ def gate_g2(args: argparse.Namespace) -> dict[str, Any]:
     from repic_ray.data.synthetic import WHO_QUESTION
 
     data = Path(args.data)
+    if args.concepts > 1:
+        return gate_g2_multi(args)
     samples = [s for s in load_samples(data / "eval" / "concepts_1.json") if len(s.ref_names) == args.refs]
     samples = [dc.replace(s, problem=WHO_QUESTION) for s in samples[: args.max_samples]]
     if not samples:
@@ -184,6 +186,38 @@ def gate_g2(args: argparse.Namespace) -> dict[str, Any]:
             a == b for a, b in zip(answers, swapped_answers)) / len(answers)
     result["answers"] = [{"refs": s.ref_names, "present": s.concepts[0], "answer": a}
                          for s, a in zip(samples, answers)]
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def gate_g2_multi(args: argparse.Namespace) -> dict[str, Any]:
+    """Binding among several concepts: each evaluation image of `--concepts` k concepts (and
+    its references, absent ones included) asked "Who is at the <position>?" about one of
+    them, drawn with a fixed seed (`--described`: "Who is the <colour> <pattern> <category>
+    at the <position>?"); the answer must be that concept's name."""
+    import dataclasses as dc
+
+    from repic_ray.data.formats import load_samples
+    from repic_ray.data.synthetic import who_at_question
+
+    path = Path(args.data) / "eval" / f"concepts_{args.concepts}.json"
+    rng = random.Random(0)
+    samples = []
+    for s in load_samples(path)[: args.max_samples]:
+        asked = rng.choice([o for o in s.objects if o.get("name")])
+        samples.append(dc.replace(s, problem=who_at_question(asked, args.described),
+                                  concepts=[asked["name"]]))
+    if not samples:
+        raise SystemExit(f"{path}: no samples")
+    start = time.perf_counter()
+    answers = _generate(args.checkpoint, samples, args.max_tokens, args.batch_size, args.layout)
+    result: dict[str, Any] = {"gate": "g2", "checkpoint": args.checkpoint, "data": args.data,
+                              "concepts": args.concepts, "described": args.described,
+                              **binding_accuracy(answers, samples)}
+    # a guess among the references shown: the mean of 1 / (distinct references)
+    result["chance"] = sum(1 / len(set(s.ref_names)) for s in samples) / len(samples)
+    result["answers"] = [{"refs": s.ref_names, "question": s.problem, "asked": s.concepts[0],
+                          "answer": a} for s, a in zip(samples, answers)]
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -333,6 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     g2.add_argument("--batch-size", type=int, default=16)
     g2.add_argument("--layout", choices=["chat", "bare"], default="chat",
                     help="the real prompt (the gate), or the bare layout of SFT's curriculum warm-up")
+    g2.add_argument("--concepts", type=int, default=1,
+                    help="concepts per image; above 1: 'Who is at the <position>?' about one of them")
+    g2.add_argument("--described", action="store_true",
+                    help="with --concepts > 1: the question also gives the object's attributes")
     sig = sub.add_parser("signal", help="G4's learning signal: sampled vs best-of-n name recall")
     sig.add_argument("--checkpoint", required=True)
     sig.add_argument("--data", required=True, help="world directory (`--names open`)")
@@ -359,6 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{result['swapped_references']['accuracy']:.4f}", result["n"]])
             rows.append(["reference images swapped: answer unchanged",
                          f"{result['answer_unchanged_when_swapped']:.4f}", result["n"]])
+        if "chance" in result:
+            rows[0][0] = f"binding among {args.concepts} concepts: right name"
+            rows.append(["  a guess among the references", f"{result['chance']:.4f}", ""])
     elif args.gate == "signal":
         rows = [[k, m["prompts"], m["sampled_recall"], m["best_of_n_recall"], m["within_group_std"],
                  m["repeated_names_per_caption"], m["greedy_recall"], m["greedy_mentions_with_own_attributes"]]

@@ -91,6 +91,13 @@ CAPTION_QUESTIONS: tuple[str, ...] = (
 WHO_QUESTION = "Who is in the image?"
 """The short-answer binding question (`WorldConfig.num_sft_who`); the answer is one name."""
 
+def who_at_question(obj: dict[str, Any], described: bool = False) -> str:
+    """"Who is at the <position>?" about a drawn object (its `to_dict`), or with `described`
+    "Who is the <colour> <pattern> <category> at the <position>?"."""
+    what = f"the {obj['colour']} {obj['pattern']} {obj['category']} " if described else ""
+    return f"Who is {what}at the {obj['position']}?"
+
+
 NAME_MODES = ("fixed", "per_episode", "open")
 
 
@@ -740,9 +747,7 @@ class _World:
         sample = self.caption_sample(self.rng.randint(2, self.cfg.max_k), query)
         asked = self.rng.choice([o for o in sample.objects if o.get("name")])
         # half of the questions give the place alone, so that the answer needs the query image
-        described = (f"the {asked['colour']} {asked['pattern']} {asked['category']} "
-                     if self.rng.random() < 0.5 else "")
-        sample.problem = f"Who is {described}at the {asked['position']}?"
+        sample.problem = who_at_question(asked, described=self.rng.random() < 0.5)
         sample.accu_reward_method = "yes_no_name"
         sample.target = sample.solution = asked["name"]
         return sample

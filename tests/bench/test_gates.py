@@ -55,6 +55,11 @@ def test_gates_run_end_to_end(run_bench, tmp_path):
     g2 = run_bench("gates.py", "g2", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root))
     assert g2["n"] == 2 and len(g2["answers"]) == 2 and sum(g2["share"].values()) == pytest.approx(1.0)
     assert g2["swapped_references"]["n"] == 2 and 0.0 <= g2["answer_unchanged_when_swapped"] <= 1.0
+    multi = run_bench("gates.py", "g2", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root),
+                      "--concepts", "2", "--described")
+    assert multi["n"] == 2 and 0.0 < multi["chance"] <= 0.5  # 2 present + at least 1 absent
+    for a in multi["answers"]:
+        assert a["asked"] in a["refs"] and a["question"].startswith("Who is the ")
     sig = run_bench("gates.py", "signal", "--checkpoint", "tiny:qwen2.5-vl", "--data", str(world.root),
                     "--n", "3", "--max-tokens", "8")
     (k2,) = sig["by_k"].values()  # only the 2-concept split: the signal is about several concepts

@@ -162,9 +162,9 @@ def gate_g2(args: argparse.Namespace) -> dict[str, Any]:
     from repic_ray.data.formats import load_samples
     from repic_ray.data.synthetic import WHO_QUESTION
 
-    data = Path(args.data)
     if args.concepts > 1:
         return gate_g2_multi(args)
+    data = Path(args.data)
     samples = [s for s in load_samples(data / "eval" / "concepts_1.json") if len(s.ref_names) == args.refs]
     samples = [dc.replace(s, problem=WHO_QUESTION) for s in samples[: args.max_samples]]
     if not samples:

@@ -91,6 +91,7 @@ CAPTION_QUESTIONS: tuple[str, ...] = (
 WHO_QUESTION = "Who is in the image?"
 """The short-answer binding question (`WorldConfig.num_sft_who`); the answer is one name."""
 
+
 def who_at_question(obj: dict[str, Any], described: bool = False) -> str:
     """"Who is at the <position>?" about a drawn object (its `to_dict`), or with `described`
     "Who is the <colour> <pattern> <category> at the <position>?"."""
@@ -130,9 +131,8 @@ class WorldConfig:
     """Short-answer binding samples among several concepts, appended after the "who" ones:
     2..max_k present concepts with their references and absent ones, the question "Who is at
     the <position>?" (or "Who is the <colour> <pattern> <category> at the <position>?") about
-    one present concept, the
-    target its name alone (`task` "who"): which reference is this object, where a caption
-    of several concepts has to tell them apart."""
+    one present concept, the target its name alone (`task` "who"): which reference is this
+    object, where a caption of several concepts has to tell them apart."""
     num_eval_per_k: int = 24
     """Evaluation queries per concept count k (files eval/concepts_{k}.json)."""
     max_concepts_per_image: int = 5

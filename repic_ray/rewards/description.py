@@ -48,9 +48,14 @@ def phrases(text: str) -> list[tuple[str, str, str]]:
     return [m.groups() for m in PHRASE.finditer(text.lower())]
 
 
+def attributes(obj: dict) -> tuple[str, str, str]:
+    """A drawn object's (colour, pattern, category)."""
+    return obj.get("colour"), obj.get("pattern"), obj.get("category")
+
+
 def drawn(objects: Sequence[dict]) -> set[tuple[str, str, str]]:
     """The (colour, pattern, category) of every drawn object."""
-    return {(o.get("colour"), o.get("pattern"), o.get("category")) for o in objects}
+    return {attributes(o) for o in objects}
 
 
 def description_scores(
@@ -62,8 +67,7 @@ def description_scores(
     found = phrases(caption)
     in_image = drawn(objects)
     true = sum(f in in_image for f in found)
-    own = {name_key(o["name"], case_sensitive): (o.get("colour"), o.get("pattern"), o.get("category"))
-           for o in objects if o.get("name")}
+    own = {name_key(o["name"], case_sensitive): attributes(o) for o in objects if o.get("name")}
     present = {name_key(c, case_sensitive) for c in concept_names}
     bound: set[str] = set()
     for key, text in mention_segments(caption, [*concept_names, *candidate_names], case_sensitive):

@@ -125,6 +125,39 @@ def test_the_category_map_loss_trains_a_head_the_checkpoint_does_not_keep(tmp_pa
     assert type(model).__name__ == "GroundingDinoForObjectDetection"
 
 
+def test_box_mean_averages_the_cells_a_box_covers():
+    import torch
+
+    from repic_ray.models.perception import _box_mean
+
+    f = torch.arange(16.0).reshape(1, 4, 4)
+    assert _box_mean(f, [0.0, 0.0, 0.5, 0.5]).item() == (0 + 1 + 4 + 5) / 4
+    # a box smaller than a cell still reads the cell it starts in
+    assert _box_mean(f, [0.76, 0.76, 0.8, 0.8]).item() == 15.0
+
+
+def test_the_backbone_stage_trains_the_swin_before_detection_and_keeps_no_head(tmp_path):
+    import torch
+
+    from repic_ray.models.perception import GdinoTrainConfig, _gdino_model_and_processor, train_gdino
+
+    # no detection steps: what changed in the saved detector, the backbone stage changed
+    cfg = GdinoTrainConfig(steps=0, batch_size=2, d_model=32, num_queries=8, backbone_steps=3,
+                           warmup=1)
+    out = train_gdino(tmp_path / "gd", cfg, log_every=1, eval_every=10_000)
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["backbone"] * 3
+    assert 0.0 <= rows[2]["object_accuracy"] <= 1.0
+    _, model = load_detector(str(out))
+    fresh, _ = _gdino_model_and_processor(cfg)
+    # the saved detector has exactly the detector's parameters (no head), the Swin's changed
+    assert set(model.state_dict()) == set(fresh.state_dict())
+    name = "model.backbone.conv_encoder.model.swin.embeddings.patch_embeddings.projection.weight"
+    torch.manual_seed(cfg.seed)
+    fresh, _ = _gdino_model_and_processor(cfg)
+    assert not torch.equal(model.state_dict()[name], fresh.state_dict()[name])
+
+
 def test_shipped_checkpoints_resolve_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for spec in (SHIPPED_CLIP, SHIPPED_DETECTOR):

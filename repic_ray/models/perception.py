@@ -353,6 +353,14 @@ class GdinoTrainConfig:
     the set-prediction loss alone teaches shapes only through the matched queries, and
     the round shapes (circle, hexagon, square) stayed confused. The heads are dropped."""
     backbone_lr: float = 1e-3
+    backbone_lr_scale: float = 1.0
+    """Learning-rate factor of the Swin in detection training (DETR and Grounding DINO
+    train their pretrained backbone at a tenth of the rest's)."""
+    backbone_box_weight: float = 0.0
+    """Weight of a box term in the backbone stage: for every cell of the finest level
+    whose centre lies in an object's box, a 1x1 convolution predicts the distances from
+    the cell's centre to the box's four sides (L1, in image widths), as FCOS does; it
+    asks the features for the objects' extent as well as their category."""
     seed: int = 0
     threads: int = 1
 
@@ -571,6 +579,23 @@ class _FinestFeatures:
         self.features = feature_maps[0][0]
 
 
+def box_distance_map(objects: list[tuple[int, list[float]]], height: int, width: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """((4, height, width) distances from each cell's centre to the left, top, right and
+    bottom sides of the smallest object box holding it, in image widths; (height, width)
+    bool mask of the cells inside a box)."""
+    dist = torch.zeros(4, height, width)
+    inside_any = torch.zeros(height, width, dtype=torch.bool)
+    ys = ((torch.arange(height, dtype=torch.float) + 0.5) / height)[:, None].expand(height, width)
+    xs = ((torch.arange(width, dtype=torch.float) + 0.5) / width)[None, :].expand(height, width)
+    for _, (x1, y1, x2, y2) in sorted(objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
+        inside = (ys >= y1) & (ys <= y2) & (xs >= x1) & (xs <= x2)
+        sides = torch.stack([xs - x1, ys - y1, x2 - xs, y2 - ys])
+        dist[:, inside] = sides[:, inside]
+        inside_any |= inside
+    return dist, inside_any
+
+
 def _box_mean(features_CHW: torch.Tensor, box: list[float]) -> torch.Tensor:
     """Mean of a (C, H, W) feature map over the cells a box in [0, 1] (x1, y1, x2, y2)
     covers (at least one)."""
@@ -604,7 +629,10 @@ def pretrain_gdino_backbone(model, processor, cfg: GdinoTrainConfig, log_path: P
     n = len(CATEGORIES)
     head = torch.nn.Linear(channels[0] + channels[1], n)
     dense = torch.nn.Conv2d(channels[0], 1 + n, 1)
+    sides = torch.nn.Conv2d(channels[0], 4, 1)
     params = [*swin.parameters(), *head.parameters(), *dense.parameters()]
+    if cfg.backbone_box_weight > 0:
+        params += list(sides.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.backbone_lr, weight_decay=cfg.weight_decay)
     mapping = shape_categories()
     rng = random.Random(cfg.seed + 1)
@@ -616,7 +644,8 @@ def pretrain_gdino_backbone(model, processor, cfg: GdinoTrainConfig, log_path: P
                                            return_tensors="pt")["pixel_values"]
         return pixels, [s[3] for s in samples]
 
-    held_out = [batch(random.Random(777), 8) for _ in range(5)]
+    held_rng = random.Random(777)
+    held_out = [batch(held_rng, 8) for _ in range(5)]
 
     def accuracy() -> float:
         swin.eval()
@@ -638,6 +667,11 @@ def pretrain_gdino_backbone(model, processor, cfg: GdinoTrainConfig, log_path: P
         finest, logits, labels = _object_logits(swin, head, pixels, objects)
         want = torch.stack([category_map(o, finest.shape[2], finest.shape[3]) for o in objects])
         loss = F.cross_entropy(logits, labels) + F.cross_entropy(dense(finest), want)
+        if cfg.backbone_box_weight > 0:
+            maps = [box_distance_map(o, finest.shape[2], finest.shape[3]) for o in objects]
+            dist = torch.stack([m[0] for m in maps])
+            inside = torch.stack([m[1] for m in maps])[:, None].expand_as(dist)
+            loss = loss + cfg.backbone_box_weight * F.l1_loss(sides(finest)[inside], dist[inside])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -693,11 +727,14 @@ def _train_gdino(out: str | Path, cfg: GdinoTrainConfig, log_every: int = 25,
         channels = model.model.backbone.conv_encoder.intermediate_channel_sizes[0]
         head = torch.nn.Conv2d(channels, 1 + len(CATEGORIES), 1)
         trained += list(head.parameters())
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    swin = {id(q) for q in model.model.backbone.conv_encoder.model.parameters()}
+    groups = [{"params": [q for q in trained if id(q) not in swin], "scale": 1.0},
+              {"params": [q for q in trained if id(q) in swin], "scale": cfg.backbone_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     t0 = time.time()
     for step in range(cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup)
+            g["lr"] = g["scale"] * _lr(step, cfg.steps, cfg.lr, cfg.warmup)
         model.train()
         if cfg.freeze_text:
             model.model.text_backbone.eval()

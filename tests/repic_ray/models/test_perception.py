@@ -125,6 +125,16 @@ def test_the_category_map_loss_trains_a_head_the_checkpoint_does_not_keep(tmp_pa
     assert type(model).__name__ == "GroundingDinoForObjectDetection"
 
 
+def test_box_distance_map_gives_each_inside_cell_its_distances_to_the_sides():
+    from repic_ray.models.perception import box_distance_map
+
+    dist, inside = box_distance_map([(0, [0.0, 0.0, 0.5, 0.5])], 4, 4)
+    assert inside.int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert dist[:, 0, 0].tolist() == [0.125, 0.125, 0.375, 0.375]  # left, top, right, bottom
+    assert dist[:, 1, 1].tolist() == [0.375, 0.375, 0.125, 0.125]
+    assert dist[:, 3, 3].tolist() == [0.0] * 4
+
+
 def test_box_mean_averages_the_cells_a_box_covers():
     import torch
 

@@ -10,7 +10,8 @@ whole scene, with the crop box of the detector instead of the true box.
 
 Grounding DINO: AP at IoU 0.5 per category, averaged over the world's 8 categories
 (one mapping for every world), prompting every image with all 8 category words; random scenes of 1-7
-objects drawn with the world's code (`--images`).
+objects drawn with the world's code (`--images`); on `detect_categories`'s boxes
+(per-category NMS at IoU 0.5) and, as `ap50_every_query`, on every query's box.
 
     python bench/bench_perception.py --out bench/results/perception.json
 """
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
         processor, model = load_detector(spec)
         results["detector"][label] = {"checkpoint": spec, **detector_ap50(
             model, processor, images=args.images, seed=4242)}
+        raw = detector_ap50(model, processor, images=args.images, seed=4242, nms_iou=None)
+        results["detector"][label]["ap50_every_query"] = raw["ap50"]
         print(label, results["detector"][label], flush=True)
     results["detector_reward"] = {
         label: detector_reward_separation(spec, images=args.images // 4, seed=2024)
@@ -159,12 +162,14 @@ def main(argv: list[str] | None = None) -> dict:
             for n in (8, 20)}}
         print("retriever", results["retriever"], flush=True)
     results["seconds"] = round(time.time() - t0, 1)
-    rows = [[label, f"{c['top1_unseen_8']:.1%} / {c['top1_unseen_20']:.1%}", d["ap50"],
+    rows = [[label, f"{c['top1_unseen_8']:.1%} / {c['top1_unseen_20']:.1%}",
+             f"{d['ap50']} ({d['ap50_every_query']})",
              f"{r['verified_present']:.1%} / {r['verified_absent']:.1%}"]
             for label in ("shipped", "random")
             for c, d, r in [[results[k][label] for k in ("clip", "detector", "detector_reward")]]]
     command = ["python", "bench/bench_perception.py", *(sys.argv[1:] if argv is None else argv)]
-    finish(results, markdown_table(["model", "CLIP top-1, 8 / 20 unseen", "detector AP50",
+    finish(results, markdown_table(["model", "CLIP top-1, 8 / 20 unseen",
+                                    "detector AP50 (every query's box)",
                                     "reward verifies present / absent"], rows),
            args.out, command)
     return results

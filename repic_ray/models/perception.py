@@ -831,10 +831,13 @@ def query_phrases(probs_QT: torch.Tensor, spans: list[tuple[str, int, int]]
 
 
 @torch.no_grad()
-def detect_categories(model, processor, image: Image.Image, categories: list[str]
-                      ) -> list[tuple[str, float, list[float]]]:
-    """Every query's (category, score, [x1, y1, x2, y2] pixels) for the prompt
-    "c1. c2. ...": a query's category is the phrase with its best token score."""
+def detect_categories(model, processor, image: Image.Image, categories: list[str],
+                      nms_iou: float | None = 0.5) -> list[tuple[str, float, list[float]]]:
+    """The queries' (category, score, [x1, y1, x2, y2] pixels) for the prompt
+    "c1. c2. ...": a query's category is the phrase with its best token score. With
+    `nms_iou`, per-category non-maximum suppression: of boxes of one category
+    overlapping by more than that IoU only the best-scoring stays (the tiny detector puts
+    several queries on one object; None keeps every query)."""
     prompt = ". ".join(categories) + "."
     enc = processor(images=image, text=prompt, return_tensors="pt")
     out = model(**enc)
@@ -846,15 +849,23 @@ def detect_categories(model, processor, image: Image.Image, categories: list[str
         cx, cy, bw, bh = out.pred_boxes[0, q].tolist()
         dets.append((cat, score, [(cx - bw / 2) * w, (cy - bh / 2) * h,
                                   (cx + bw / 2) * w, (cy + bh / 2) * h]))
-    return dets
+    if nms_iou is None or not dets:
+        return dets
+    from torchvision.ops import batched_nms
+
+    index = {c: i for i, c in enumerate(dict.fromkeys(d[0] for d in dets))}
+    keep = batched_nms(torch.tensor([d[2] for d in dets]), torch.tensor([d[1] for d in dets]),
+                       torch.tensor([index[d[0]] for d in dets]), nms_iou)
+    return [dets[i] for i in keep.tolist()]
 
 
 def detector_ap50(model, processor, *, images: int = 100, seed: int = 0,
-                  scenes: list[tuple[Image.Image, list[tuple[Triple, list[int]]]]] | None = None
-                  ) -> dict[str, Any]:
+                  scenes: list[tuple[Image.Image, list[tuple[Triple, list[int]]]]] | None = None,
+                  nms_iou: float | None = 0.5) -> dict[str, Any]:
     """Mean over categories of AP at IoU 0.5, prompting each image with all of the
-    world's categories (the 8 its shapes map to). `scenes` default to `images` random
-    scenes of 1-7 objects."""
+    world's categories (the 8 its shapes map to), on `detect_categories`'s boxes
+    (per-category NMS at IoU `nms_iou`; None: every query's box). `scenes` default to
+    `images` random scenes of 1-7 objects."""
     mapping = shape_categories()
     categories = sorted(set(mapping.values()))
     if scenes is None:
@@ -868,7 +879,8 @@ def detector_ap50(model, processor, *, images: int = 100, seed: int = 0,
         for c, _ in gts:
             n_gt[c] += 1
         used = [False] * len(gts)
-        for cat, score, box in sorted(detect_categories(model, processor, img, categories),
+        for cat, score, box in sorted(detect_categories(model, processor, img, categories,
+                                                        nms_iou),
                                       key=lambda d: -d[1]):
             best, best_iou = -1, 0.5
             for j, (gc, gbox) in enumerate(gts):

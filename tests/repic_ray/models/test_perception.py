@@ -230,6 +230,29 @@ def test_shipped_detector_proposes_boxes_on_the_world_objects(world):
     assert total == 16 and on_object / total >= 0.75
 
 
+def test_detect_categories_keeps_one_box_per_object_and_category():
+    """Per-category NMS: every query's box without it (the tiny detector puts several
+    queries on one object), and no two boxes of one category overlapping by more than
+    IoU 0.5 with it, the best-scoring box of each object kept."""
+    import random
+
+    from repic_ray.models.perception import _box_iou, all_triples, detect_categories, draw_scene
+
+    processor, model = load_detector(SHIPPED_DETECTOR)
+    categories = sorted(set(shape_categories().values()))
+    rng = random.Random(3)
+    img, _ = draw_scene(rng, rng.sample(all_triples(), 5))
+    every = detect_categories(model, processor, img, categories, nms_iou=None)
+    kept = detect_categories(model, processor, img, categories)
+    assert len(every) == model.config.num_queries and len(kept) < len(every)
+    for i, a in enumerate(kept):
+        assert a in every
+        for b in kept[i + 1:]:
+            assert a[0] != b[0] or _box_iou(a[2], b[2]) <= 0.5
+    best = max(every, key=lambda d: d[1])
+    assert best in kept
+
+
 def test_shipped_detector_tells_the_categories_apart():
     """Prompted with all 8 category words, the best-scoring box on each object (IoU >= 0.5)
     carries the object's category word: a category-blind detector gets about 1 in 8 (the

@@ -555,15 +555,26 @@ def _gdino_sample(rng: random.Random, mapping: dict[str, str], single: float, wi
     return img, prompt, target
 
 
+def _cell_grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(height, width) y and x of each cell's centre of a feature map over the image, in
+    [0, 1]."""
+    ys = (torch.arange(height, dtype=torch.float) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float) + 0.5) / width
+    return ys[:, None].expand(height, width), xs[None, :].expand(height, width)
+
+
+def _largest_first(objects: list[tuple[int, list[float]]]) -> list[tuple[int, list[float]]]:
+    """Objects by box area, largest first, so that a smaller box drawn later wins its cells."""
+    return sorted(objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1]))
+
+
 def category_map(objects: list[tuple[int, list[float]]], height: int, width: int) -> torch.Tensor:
     """(height, width) long tensor: for each cell of a feature map over the image, 1 + the
     category index of the smallest object box holding the cell's centre, else 0."""
     out = torch.zeros(height, width, dtype=torch.long)
-    ys = (torch.arange(height, dtype=torch.float) + 0.5) / height
-    xs = (torch.arange(width, dtype=torch.float) + 0.5) / width
-    for cat, (x1, y1, x2, y2) in sorted(objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
-        inside = ((ys >= y1) & (ys <= y2))[:, None] & ((xs >= x1) & (xs <= x2))[None, :]
-        out[inside] = cat + 1
+    ys, xs = _cell_grid(height, width)
+    for cat, (x1, y1, x2, y2) in _largest_first(objects):
+        out[(ys >= y1) & (ys <= y2) & (xs >= x1) & (xs <= x2)] = cat + 1
     return out
 
 
@@ -586,9 +597,8 @@ def box_distance_map(objects: list[tuple[int, list[float]]], height: int, width:
     bool mask of the cells inside a box)."""
     dist = torch.zeros(4, height, width)
     inside_any = torch.zeros(height, width, dtype=torch.bool)
-    ys = ((torch.arange(height, dtype=torch.float) + 0.5) / height)[:, None].expand(height, width)
-    xs = ((torch.arange(width, dtype=torch.float) + 0.5) / width)[None, :].expand(height, width)
-    for _, (x1, y1, x2, y2) in sorted(objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
+    ys, xs = _cell_grid(height, width)
+    for _, (x1, y1, x2, y2) in _largest_first(objects):
         inside = (ys >= y1) & (ys <= y2) & (xs >= x1) & (xs <= x2)
         sides = torch.stack([xs - x1, ys - y1, x2 - xs, y2 - ys])
         dist[:, inside] = sides[:, inside]

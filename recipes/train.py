@@ -56,6 +56,7 @@ from repic_ray.pipeline.drift import DriftMonitor
 from repic_ray.pipeline.episodes import (
     RunData,
     caption_records,
+    check_categories,
     load_run_data,
     make_request,
     reward_inputs,
@@ -596,6 +597,8 @@ def start_run(cfg: ExperimentConfig) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     data = load_run_data(cfg.data)  # validates samples and checks every image before any actor starts
+    if cfg.reward.detector_weight > 0:
+        check_categories(data.train, data.categories, tuple(cfg.reward.caption_tasks))
     if cfg.reward.caption_weight > 0 and not cfg.reward.caption.references_path:
         # CIDEr-D's document frequencies: the training captions' references
         cfg.reward.caption.references_path = str(write_reference_corpus(data.train, out / "reference_corpus.json"))

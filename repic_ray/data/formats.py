@@ -50,7 +50,7 @@ METHODS: tuple[str, ...] = ("yes_no", "yes_no_name", "yes_no_name_multi", "iou")
 visual localization."""
 
 _SAMPLE_KEYS = ("image", "problem", "solution", "accu_reward_method")
-_OPTIONAL_KEYS = ("ref_names", "concepts", "target", "reference_captions", "objects")
+_OPTIONAL_KEYS = ("ref_names", "ref_categories", "concepts", "target", "reference_captions", "objects")
 
 
 class DataError(ValueError):
@@ -322,6 +322,9 @@ class TrainSample:
     """Which verifiable reward scores it: one of `METHODS`."""
     ref_names: list[str] | None = None
     """Name shown next to each reference image (len(images) - 1 entries), if any."""
+    ref_categories: list[str] | None = None
+    """Category word of each reference image's concept, beside `ref_names` (the detector
+    reward's text prompt for a name, absent references included), if known."""
     concepts: list[str] | None = None
     """Names of the concepts present in the query image, if known."""
     target: str | None = None
@@ -389,6 +392,15 @@ def validate_sample(s: TrainSample) -> None:
             raise fail(
                 "ref_names",
                 f"has {len(s.ref_names)} names for {len(s.images) - 1} reference images "
+                "(all images but the last, the query)",
+            )
+    if s.ref_categories is not None:
+        if not _is_str_list(s.ref_categories, allow_empty=True):
+            raise fail("ref_categories", f"must be a list of non-empty strings, got {s.ref_categories!r}")
+        if len(s.ref_categories) != len(s.images) - 1:
+            raise fail(
+                "ref_categories",
+                f"has {len(s.ref_categories)} categories for {len(s.images) - 1} reference images "
                 "(all images but the last, the query)",
             )
     if s.concepts is not None and not _is_str_list(s.concepts, allow_empty=True):

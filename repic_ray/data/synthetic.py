@@ -671,12 +671,14 @@ class _World:
                 names: dict[str, str], query: Path, objects: list[WorldObject],
                 **optional: Any) -> TrainSample:
         shown = self._reference_views(refs, query)
+        category = {r.key: r.category for r in refs}
         return TrainSample(
             images=[str(path) for path, _ in shown] + [str(query.absolute())],
             problem=problem,
             solution=solution,
             accu_reward_method=method,
             ref_names=[names[key] for _, key in shown],
+            ref_categories=[category[key] for _, key in shown],
             concepts=[o.name for o in objects if o.name is not None],
             objects=[o.to_dict() for o in objects],
             **optional,

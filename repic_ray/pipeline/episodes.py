@@ -56,8 +56,9 @@ def world_dir_for(cfg: DataConfig) -> Path:
 
     wc = cfg.world
     cache = Path(os.environ.get("REPIC_CACHE", Path.home() / ".cache" / "repic"))
+    # -refs: training samples carry reference captions; -cats: and their references' categories
     key = (f"s{wc.seed}-c{wc.num_concepts}-{wc.names}-t{wc.num_train}-f{wc.num_sft}"
-           f"-e{wc.num_eval_per_k}-sf{wc.sft_single_fraction:g}-refs")  # -refs: train references
+           f"-e{wc.num_eval_per_k}-sf{wc.sft_single_fraction:g}-refs-cats")
     keyed = ("seed", "num_concepts", "names", "num_train", "num_sft", "num_eval_per_k", "sft_single_fraction")
     others = {f.name: getattr(wc, f.name) for f in dataclasses.fields(WorldConfig)
               if f.name not in keyed and getattr(wc, f.name) != f.default}
@@ -113,13 +114,46 @@ def make_request(uid: str, sample: TrainSample, processor: Any, seed: int, n: in
     return RolloutRequest(uid=uid, prompt_text=prompt.text, image_paths=list(prompt.image_paths), n=n), prompt
 
 
+def sample_categories(sample: TrainSample, categories: dict[str, str]) -> dict[str, str]:
+    """Category word of each concept name `sample` can be captioned with (present concepts
+    and references): from the database's `categories`, then the sample's own
+    `ref_categories` and drawn objects (per-episode names are not in a database)."""
+    present = list(sample.concepts or [])
+    candidates = list(dict.fromkeys(sample.ref_names or present))
+    cats = {n: categories[n] for n in set(present) | set(candidates) if n in categories}
+    cats.update(zip(sample.ref_names or [], sample.ref_categories or []))
+    cats.update({o["name"]: o["category"] for o in sample.objects or [] if o.get("name") and o.get("category")})
+    return cats
+
+
+def check_categories(samples: list[TrainSample], categories: dict[str, str], tasks: tuple[str, ...]) -> None:
+    """Raise `ValueError` naming the first sample of `tasks` with a concept name (present or
+    a reference) whose category is unknown: the detector reward needs one for every name a
+    caption may write, and finding out mid-run would lose the run."""
+    from repic_ray.matching import name_key
+
+    database = {name_key(n) for n in categories}
+    for s in samples:
+        if s.accu_reward_method not in tasks:
+            continue
+        known = database | {name_key(n) for n in sample_categories(s, categories)}
+        names = [*(s.concepts or []), *(s.ref_names or [])]
+        missing = sorted({n for n in names if name_key(n) not in known})
+        if missing:
+            where = f"{s.source}: record {s.index}" if s.source else "a training sample"
+            raise ValueError(
+                f"{where}: no category for {', '.join(map(repr, missing))}; the detector reward "
+                "(reward.detector_weight > 0) prompts the detector with each named concept's "
+                "category: give the concept a 'category' in the concept database, or the "
+                "sample 'ref_categories' beside 'ref_names'"
+            )
+
+
 def reward_inputs(sample: TrainSample, completions: list[Completion], categories: dict[str, str]) -> list[RewardInput]:
     """One `RewardInput` per completion of `sample`."""
     present = list(sample.concepts or [])
     candidates = list(dict.fromkeys(sample.ref_names or present))
-    cats = {n: categories[n] for n in set(present) | set(candidates) if n in categories}
-    # Per-episode names are not in the database; the drawn objects know their category.
-    cats.update({o["name"]: o["category"] for o in sample.objects or [] if o.get("name") and o.get("category")})
+    cats = sample_categories(sample, categories)
     objects = [{k: o[k] for k in ("name", "colour", "pattern", "category") if o.get(k)}
                for o in sample.objects or [] if isinstance(o, dict)]
     return [

@@ -278,6 +278,26 @@ def test_open_world_answers_are_bound_to_the_shown_names(open_world):
             assert set(named) <= set(s.ref_names)
 
 
+def test_every_reference_carries_its_concepts_category(open_world):
+    """Absent references too: the detector reward prompts with the category of any name a
+    caption writes, and an absent reference's name is a wrong one it must be able to check."""
+    from repic_ray.data.vocab import SHAPE_CATEGORY
+
+    samples = load_samples(open_world.train) + [s for p in open_world.eval.values() for s in load_samples(p)]
+    absent_seen = 0
+    for s in samples:
+        assert len(s.ref_categories) == len(s.ref_names)
+        for path, name, category in zip(s.reference_images, s.ref_names, s.ref_categories):
+            for o in s.objects:
+                if o["name"] == name:
+                    assert o["category"] == category
+            shape = Path(path).stem.split("-")[0]
+            if shape in SHAPE_CATEGORY:  # training references are stored under their triple
+                assert category == SHAPE_CATEGORY[shape]
+        absent_seen += len(set(s.ref_names) - set(s.concepts or []))
+    assert absent_seen > 0
+
+
 def test_open_world_is_byte_identical_per_seed(tmp_path, open_world):
     a = generate_world(tmp_path / "a", seed=3, names="open", num_concepts=20, **SMALL)
     assert _tree_digest(a.root) == _tree_digest(open_world.root)

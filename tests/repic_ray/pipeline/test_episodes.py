@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from repic_ray.data.formats import TrainSample
-from repic_ray.pipeline.episodes import reward_inputs
+import pytest
+
+from repic_ray.data.formats import DataError, TrainSample
+from repic_ray.pipeline.episodes import check_categories, reward_inputs
 from repic_ray.rollout.types import Completion
 
 
@@ -25,3 +27,32 @@ def test_reward_inputs_carry_names_categories_references_and_truncation():
     assert (first.truncated, second.truncated) == (False, True)
     # the drawn objects' attributes, for the description reward (no boxes)
     assert first.objects == [{"name": "Bo", "category": "dog"}, {"category": "mug"}]
+
+
+def _caption_sample(**kw):
+    return TrainSample(
+        images=["bo.png", "kiki.png", "query.png"], problem="Describe the image.", solution=["Bo"],
+        accu_reward_method="yes_no_name_multi", ref_names=["Bo", "Kiki"], concepts=["Bo"],
+        objects=[{"name": "Bo", "category": "dog", "box": [0, 0, 10, 10]}], **kw,
+    )
+
+
+def test_absent_reference_gets_its_category_from_the_sample():
+    (x,) = reward_inputs(_caption_sample(ref_categories=["dog", "hat"]),
+                         [Completion("Kiki the hat.", [1], [-0.1], "stop", 1)], {})
+    assert x.categories == {"Bo": "dog", "Kiki": "hat"}
+
+
+def test_check_categories_names_the_sample_and_the_name_before_a_run():
+    check_categories([_caption_sample(ref_categories=["dog", "hat"])], {}, ("yes_no_name_multi",))
+    check_categories([_caption_sample()], {"kiki": "hat"}, ("yes_no_name_multi",))  # name_key match
+    check_categories([_caption_sample()], {}, ("caption",))  # not a task the detector scores
+    with pytest.raises(ValueError, match=r"no category for 'Kiki'.*ref_categories"):
+        check_categories([_caption_sample()], {}, ("yes_no_name_multi",))
+
+
+def test_ref_categories_must_match_the_references():
+    with pytest.raises(DataError, match="ref_categories.*1 categories for 2 reference images"):
+        _caption_sample(ref_categories=["dog"])
+    with pytest.raises(DataError, match="ref_categories"):
+        _caption_sample(ref_categories=["dog", ""])

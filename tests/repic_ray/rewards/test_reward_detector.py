@@ -101,3 +101,23 @@ def test_build_reward_with_loaded_detector(detector, image):
     # Thresholds 0: detector rewards 1, 1, 0, 0 (first test), times weight 2.
     np.testing.assert_allclose(out.rewards_B, [2.0, 2.0, 0.0, 0.0])
     np.testing.assert_allclose(out.components["detector/recall"], [1.0, 1.0, 0.0, 0.0])
+
+
+def test_open_world_caption_naming_an_absent_reference_is_scored(detector, tmp_path):
+    """Per-episode names: an absent reference has no drawn object, its category comes from
+    the sample's `ref_categories` (a caption that names it once stopped the run)."""
+    from repic_ray.data.formats import load_samples
+    from repic_ray.data.synthetic import generate_world
+    from repic_ray.pipeline.episodes import reward_inputs
+    from repic_ray.rollout.types import Completion
+
+    world = generate_world(tmp_path / "w", seed=3, names="open", num_concepts=20,
+                           num_train=24, num_sft=0, num_eval_per_k=1)
+    sample = next(s for s in load_samples(world.train)
+                  if s.accu_reward_method == "yes_no_name_multi" and set(s.ref_names) - set(s.concepts))
+    absent = sorted(set(sample.ref_names) - set(sample.concepts))
+    caption = " and ".join([*sample.concepts, *absent]) + " are here."
+    inputs = reward_inputs(sample, [Completion(caption, [1], [-0.1], "stop", 1)], {})
+    out = _reward(detector, 0.0, 0.0)(inputs)
+    assert out.components["detector/named"][0] == len(set(sample.ref_names))
+    np.testing.assert_allclose(out.components["detector/recall"], [1.0])

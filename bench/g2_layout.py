@@ -11,6 +11,7 @@ embeddings ~0.2), so that an image token's residual stream can be changed by att
 
     python bench/g2_layout.py scale CKPT OUT --factor 0.02
     python bench/g2_layout.py deepen CKPT OUT        # language model layers repeated twice
+    python bench/g2_layout.py deepen CKPT OUT --identity  # each layer followed by a zeroed copy
     python bench/g2_layout.py repic sft --config configs/sft_tiny_who.yaml \\
         --data.world_dir runs/worlds/open_who_cell --learner.model OUT --sft.output RUN
     python bench/g2_layout.py gates g2 --checkpoint RUN --data runs/worlds/open_who_cell
@@ -63,9 +64,12 @@ def scale_vision(checkpoint: str, out: str, factor: float) -> None:
     processor.save_pretrained(out)
 
 
-def deepen(checkpoint: str, out: str) -> None:
+def deepen(checkpoint: str, out: str, identity: bool = False) -> None:
     """Copy `checkpoint` with its language model's layers stacked twice (4 -> 8 layers),
-    a warm start for a deeper model."""
+    a warm start for a deeper model. `identity`: instead, a copy of each layer right after
+    it with its attention output and MLP down projections zeroed, so each new layer adds
+    nothing to the residual stream at first and the deeper model computes what the
+    checkpoint does (function-preserving; the new layers learn from there)."""
     import copy
 
     import torch
@@ -75,7 +79,19 @@ def deepen(checkpoint: str, out: str) -> None:
     path = resolve_checkpoint(checkpoint)
     model, processor = load_policy(path), load_processor(path)
     lm = model.model.language_model
-    layers = [copy.deepcopy(layer) for _ in range(2) for layer in lm.layers]
+    if identity:
+        layers = []
+        for layer in lm.layers:
+            new = copy.deepcopy(layer)
+            with torch.no_grad():
+                new.self_attn.o_proj.weight.zero_()
+                new.mlp.down_proj.weight.zero_()
+                for lin in (new.self_attn.o_proj, new.mlp.down_proj):
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+            layers += [copy.deepcopy(layer), new]
+    else:
+        layers = [copy.deepcopy(layer) for _ in range(2) for layer in lm.layers]
     for i, layer in enumerate(layers):
         layer.self_attn.layer_idx = i
     lm.layers = torch.nn.ModuleList(layers)
@@ -97,9 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts.build_messages = name_first_messages
     cmd, rest = argv[0], argv[1:]
     if cmd == "deepen":
+        identity = "--identity" in rest
+        rest = [a for a in rest if a != "--identity"]
         if len(rest) != 2:
-            raise SystemExit("usage: g2_layout.py deepen CKPT OUT")
-        deepen(*rest)
+            raise SystemExit("usage: g2_layout.py deepen CKPT OUT [--identity]")
+        deepen(*rest, identity=identity)
         return 0
     if cmd == "scale":
         import argparse

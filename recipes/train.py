@@ -258,6 +258,12 @@ def ptx_samples(cfg: ExperimentConfig, data: RunData) -> list:
     """The SFT samples of `algo.ptx_tasks` that the ptx term trains on."""
     if data.sft_path is None or not Path(data.sft_path).exists():
         raise ValueError(f"algo.ptx_coef > 0 needs SFT data; {data.sft_path} does not exist")
+    if not Path(data.sft_path).read_text().strip():
+        raise ValueError(
+            f"algo.ptx_coef > 0 needs SFT data; {data.sft_path} has none (a generated world has "
+            f"data.world.num_sft: {cfg.data.world.num_sft}): give the world SFT captions "
+            "(data.world.num_sft) or a file (data.sft_file), or set algo.ptx_coef 0"
+        )
     return sft_samples(data.sft_path, cfg.algo.ptx_tasks, "algo.ptx_tasks")
 
 
@@ -599,6 +605,7 @@ def start_run(cfg: ExperimentConfig) -> Run:
     data = load_run_data(cfg.data)  # validates samples and checks every image before any actor starts
     if cfg.reward.detector_weight > 0:
         check_categories(data.train, data.categories, tuple(cfg.reward.caption_tasks))
+    ptx = ptx_samples(cfg, data) if cfg.algo.ptx_coef > 0 else None  # before any actor starts
     if cfg.reward.caption_weight > 0 and not cfg.reward.caption.references_path:
         # CIDEr-D's document frequencies: the training captions' references
         cfg.reward.caption.references_path = str(write_reference_corpus(data.train, out / "reference_corpus.json"))
@@ -611,8 +618,7 @@ def start_run(cfg: ExperimentConfig) -> Run:
               MetricsWriter(out, tensorboard=cfg.trainer.tensorboard),
               drift=DriftMonitor(length_tolerance=cfg.trainer.drift_length_tolerance,
                                  rep4_rise=cfg.trainer.drift_rep4_rise),
-              ptx_sampler=PromptSampler(ptx_samples(cfg, data), seed=cfg.trainer.seed)
-              if cfg.algo.ptx_coef > 0 else None)
+              ptx_sampler=PromptSampler(ptx, seed=cfg.trainer.seed) if ptx is not None else None)
     if cfg.trainer.resume and (path := resume_point(out)) is not None:
         restore_checkpoint(run, path)
     return run

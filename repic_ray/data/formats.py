@@ -21,9 +21,10 @@ load by path:
   last. Relative paths resolve against the sample file's folder (or `image_root`).
   Optional fields understood here: `ref_names` (the name shown with each reference
   image), `ref_categories` (the category word of each reference image's concept, for
-  the detector reward when names are not in a concept database), `concepts` (names present in the query), `target` (the ideal response,
-  for SFT), `reference_captions` (ground-truth captions, for CIDEr), `objects`
-  (every object drawn in the query, with its pixel box). Any other field is kept
+  the detector reward when names are not in a concept database), `concepts` (names
+  present in the query), `target` (the ideal response, for SFT), `reference_captions`
+  (ground-truth captions, for CIDEr), `objects` (every object drawn in the query, with
+  its pixel box). Any other field is kept
   in `extra` and written back unchanged.
 - **Caption results** (RePIC evaluation): a JSON list of
   `[image_path, [concepts], caption, prompt]` records; concepts are kept as given

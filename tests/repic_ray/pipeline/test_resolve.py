@@ -102,7 +102,7 @@ def test_lora_weight_sync_needs_lora_on_both_sides():
 
 def test_step_batch_must_split_over_learners():
     with pytest.raises(ConfigError,
-                       match=r"algo\.prompts_per_step x algo\.group_size \(64\).*cluster\.num_learners \(3\)"):
+                       match=r"algo\.prompts_per_step x algo\.group_size \(256\).*cluster\.num_learners \(3\)"):
         load("--cluster.num_learners", "3")
 
 

@@ -24,8 +24,7 @@ load by path:
   the detector reward when names are not in a concept database), `concepts` (names
   present in the query), `target` (the ideal response, for SFT), `reference_captions`
   (ground-truth captions, for CIDEr), `objects` (every object drawn in the query, with
-  its pixel box). Any other field is kept
-  in `extra` and written back unchanged.
+  its pixel box). Any other field is kept in `extra` and written back unchanged.
 - **Caption results** (RePIC evaluation): a JSON list of
   `[image_path, [concepts], caption, prompt]` records; concepts are kept as given
   (`"Bo"` or `"<Bo>"`), image paths too (they identify the query).

@@ -108,6 +108,16 @@ def check_rules(cfg: ExperimentConfig) -> None:
             "advantages use sequence rewards only); put the KL in the loss "
             "(learner.loss.kl_beta) or use reinforce_pp / gae"
         )
+    if algo.estimator == "gae" and not cfg.learner.critic.enabled:
+        raise ConfigError(
+            "algo.estimator=gae needs a value model: set learner.critic.enabled true "
+            "(or use a critic-free estimator: grpo, drgrpo, rloo, reinforce_pp)"
+        )
+    if cfg.learner.critic.enabled and algo.estimator != "gae":
+        raise ConfigError(
+            f"learner.critic.enabled trains a value model that algo.estimator={algo.estimator!r} "
+            "does not use; set algo.estimator gae or learner.critic.enabled false"
+        )
     if algo.kl_in_reward and algo.kl_reward_beta <= 0:
         raise ConfigError("algo.kl_in_reward needs algo.kl_reward_beta > 0 (0 folds in nothing)")
     if not algo.kl_in_reward and algo.kl_reward_beta > 0:

@@ -147,3 +147,12 @@ def test_greedy_member_rules():
         load("--sampling.greedy_member", "true", "--algo.mode", "async", "--sampling.temperature", "0.7")
     with pytest.raises(ConfigError, match=r"eval_sampling\.greedy_member: evaluation samples one"):
         load("--eval_sampling.greedy_member", "true")
+
+
+def test_gae_needs_the_critic_and_the_critic_needs_gae():
+    with pytest.raises(ConfigError, match=r"algo\.estimator=gae needs a value model.*learner\.critic\.enabled true"):
+        load("--algo.estimator", "gae")
+    with pytest.raises(ConfigError, match=r"learner\.critic\.enabled.*algo\.estimator='grpo'"):
+        load("--learner.critic.enabled", "true")
+    cfg = load("--algo.estimator", "gae", "--learner.critic.enabled", "true")
+    assert cfg.algo.estimator == "gae" and cfg.learner.critic.enabled

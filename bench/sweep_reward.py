@@ -97,6 +97,8 @@ SETTINGS: dict[str, list[str]] = {
     # `recipe` before that date are `pps8`)
     "pps8": ["--algo.prompts_per_step", "8", "--sampling.greedy_member", "true"],
     "pps32": ["--algo.prompts_per_step", "32", "--sampling.greedy_member", "true"],
+    "pps32-rep3x-cut1": ["--algo.prompts_per_step", "32", "--reward.caption.repetition_penalty", "3.0",
+                         "--reward.caption.truncation_penalty", "1.0", "--sampling.greedy_member", "true"],
     # the recipe plus the description reward (true attribute phrases, names bound to their
     # own object's attributes), at two weights, and its binding half alone
     "desc0.5": ["--reward.description_weight", "0.5", "--sampling.greedy_member", "true"],

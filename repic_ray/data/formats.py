@@ -386,22 +386,16 @@ def validate_sample(s: TrainSample) -> None:
         why = check_box(sol)
         if why:
             raise fail("solution", f"{why} (iou)")
-    if s.ref_names is not None:
-        if not _is_str_list(s.ref_names, allow_empty=True):
-            raise fail("ref_names", f"must be a list of non-empty strings, got {s.ref_names!r}")
-        if len(s.ref_names) != len(s.images) - 1:
+    for fld, noun in (("ref_names", "names"), ("ref_categories", "categories")):
+        values = getattr(s, fld)  # one entry per reference image
+        if values is None:
+            continue
+        if not _is_str_list(values, allow_empty=True):
+            raise fail(fld, f"must be a list of non-empty strings, got {values!r}")
+        if len(values) != len(s.images) - 1:
             raise fail(
-                "ref_names",
-                f"has {len(s.ref_names)} names for {len(s.images) - 1} reference images "
-                "(all images but the last, the query)",
-            )
-    if s.ref_categories is not None:
-        if not _is_str_list(s.ref_categories, allow_empty=True):
-            raise fail("ref_categories", f"must be a list of non-empty strings, got {s.ref_categories!r}")
-        if len(s.ref_categories) != len(s.images) - 1:
-            raise fail(
-                "ref_categories",
-                f"has {len(s.ref_categories)} categories for {len(s.images) - 1} reference images "
+                fld,
+                f"has {len(values)} {noun} for {len(s.images) - 1} reference images "
                 "(all images but the last, the query)",
             )
     if s.concepts is not None and not _is_str_list(s.concepts, allow_empty=True):

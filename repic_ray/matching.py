@@ -48,6 +48,15 @@ def name_key(name: str, case_sensitive: bool = False) -> str:
     return strip_brackets(name if case_sensitive else name.lower())
 
 
+def lookup_name(mapping: dict[str, str], name: str) -> str | None:
+    """`mapping[name]`, else the value of the first key that is the same name by `name_key`
+    ("<Bo>" for "Bo", "bo" for "Bo"); None when there is none."""
+    if name in mapping:
+        return mapping[name]
+    key = name_key(name)
+    return next((value for other, value in mapping.items() if name_key(other) == key), None)
+
+
 def _compat_token_list(caption: str, case_sensitive: bool) -> list[str]:
     """RePIC's `tokenize_caption`, in order and with repeats."""
     caption = caption.replace("</s>", "")

@@ -23,6 +23,7 @@ from repic_ray.data.formats import (
     load_database,
     load_samples,
 )
+from repic_ray.matching import lookup_name
 from repic_ray.pipeline.config import DataConfig
 from repic_ray.prompts import build_prompt
 from repic_ray.rewards.base import RewardInput
@@ -120,7 +121,8 @@ def sample_categories(sample: TrainSample, categories: dict[str, str]) -> dict[s
     `ref_categories` and drawn objects (per-episode names are not in a database)."""
     present = list(sample.concepts or [])
     candidates = list(dict.fromkeys(sample.ref_names or present))
-    cats = {n: categories[n] for n in set(present) | set(candidates) if n in categories}
+    found = {n: lookup_name(categories, n) for n in dict.fromkeys([*present, *candidates])}
+    cats = {n: c for n, c in found.items() if c is not None}
     cats.update(zip(sample.ref_names or [], sample.ref_categories or []))
     cats.update({o["name"]: o["category"] for o in sample.objects or [] if o.get("name") and o.get("category")})
     return cats
@@ -130,15 +132,12 @@ def check_categories(samples: list[TrainSample], categories: dict[str, str], tas
     """Raise `ValueError` naming the first sample of `tasks` with a concept name (present or
     a reference) whose category is unknown: the detector reward needs one for every name a
     caption may write, and finding out mid-run would lose the run."""
-    from repic_ray.matching import name_key
-
-    database = {name_key(n) for n in categories}
     for s in samples:
         if s.accu_reward_method not in tasks:
             continue
-        known = database | {name_key(n) for n in sample_categories(s, categories)}
+        cats = sample_categories(s, categories)  # what the reward inputs carry
         names = [*(s.concepts or []), *(s.ref_names or [])]
-        missing = sorted({n for n in names if name_key(n) not in known})
+        missing = sorted({n for n in names if lookup_name(cats, n) is None})
         if missing:
             where = f"{s.source}: record {s.index}" if s.source else "a training sample"
             raise ValueError(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from repic_ray.matching import MODES, find_names, name_key
+from repic_ray.matching import MODES, find_names, lookup_name, name_key
 from repic_ray.rewards.base import CAPTION_TASKS, RewardInput, RewardOutput, caption_mask_B
 
 
@@ -85,12 +85,9 @@ def unpack_detector(loaded: Any) -> tuple[Any, Any]:
 
 def _category(x: RewardInput, name: str, index: int) -> str:
     """The category of `name`, also when `categories` is keyed "<Bo>" and the name is "Bo"."""
-    if name in x.categories:
-        return x.categories[name]
-    key = name_key(name)
-    for other, category in x.categories.items():
-        if name_key(other) == key:
-            return category
+    category = lookup_name(x.categories, name)
+    if category is not None:
+        return category
     raise ValueError(
         f"sample {index} ({x.image_path}): categories has no entry for concept {name!r}"
     )

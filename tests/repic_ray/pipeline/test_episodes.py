@@ -56,3 +56,11 @@ def test_ref_categories_must_match_the_references():
         _caption_sample(ref_categories=["dog"])
     with pytest.raises(DataError, match="ref_categories"):
         _caption_sample(ref_categories=["dog", ""])
+
+
+def test_database_categories_match_names_as_the_detector_does():
+    """A database keyed "<Kiki>" gives "Kiki" its category in the reward inputs, so the check
+    before a run and the detector reward agree on which names have one."""
+    (x,) = reward_inputs(_caption_sample(), [Completion("Kiki.", [1], [-0.1], "stop", 1)], {"<Kiki>": "hat"})
+    assert x.categories == {"Bo": "dog", "Kiki": "hat"}
+    check_categories([_caption_sample()], {"<Kiki>": "hat"}, ("yes_no_name_multi",))

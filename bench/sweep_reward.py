@@ -99,6 +99,9 @@ SETTINGS: dict[str, list[str]] = {
     "pps32": ["--algo.prompts_per_step", "32", "--sampling.greedy_member", "true"],
     "pps32-rep3x-cut1": ["--algo.prompts_per_step", "32", "--reward.caption.repetition_penalty", "3.0",
                          "--reward.caption.truncation_penalty", "1.0", "--sampling.greedy_member", "true"],
+    # several optimizer steps on each rollout batch (PPO epochs, clipped ratio): 8 prompts a
+    # step, 4 updates each, about the learner work of 32 prompts a step with 4x the updates
+    "pps8-upb4": ["--algo.prompts_per_step", "8", "--algo.updates_per_batch", "4", "--sampling.greedy_member", "true"],
     # the recipe plus the description reward (true attribute phrases, names bound to their
     # own object's attributes), at two weights, and its binding half alone
     "desc0.5": ["--reward.description_weight", "0.5", "--sampling.greedy_member", "true"],

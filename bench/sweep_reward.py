@@ -102,6 +102,8 @@ SETTINGS: dict[str, list[str]] = {
     # several optimizer steps on each rollout batch (PPO epochs, clipped ratio): 8 prompts a
     # step, 4 updates each, about the learner work of 32 prompts a step with 4x the updates
     "pps8-upb4": ["--algo.prompts_per_step", "8", "--algo.updates_per_batch", "4", "--sampling.greedy_member", "true"],
+    # groups of 16 samples (16 prompts a step: the same samples a step as the recipe)
+    "g16": ["--algo.group_size", "16", "--algo.prompts_per_step", "16", "--sampling.greedy_member", "true"],
     # the recipe plus the description reward (true attribute phrases, names bound to their
     # own object's attributes), at two weights, and its binding half alone
     "desc0.5": ["--reward.description_weight", "0.5", "--sampling.greedy_member", "true"],

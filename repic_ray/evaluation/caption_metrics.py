@@ -13,6 +13,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from repic_ray.evaluation.quality import close_meteor
+
 SPICE_CORENLP_JAR = "stanford-corenlp-3.6.0.jar"
 
 
@@ -68,9 +70,11 @@ def caption_metrics(
     out = CaptionMetrics()
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out.scores["BLEU-4"] = float(bleu[3])
-    meteor = Meteor()  # a Java subprocess, stopped when the object is collected
-    out.scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-    del meteor
+    meteor = Meteor()  # a Java subprocess
+    try:
+        out.scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+    finally:
+        close_meteor(meteor)
     out.scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     out.scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if spice:

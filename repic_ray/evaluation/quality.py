@@ -71,6 +71,21 @@ def _meteor_scorer():
     return Meteor()
 
 
+def close_meteor(scorer: Any) -> None:
+    """Stop a METEOR scorer's Java process and close its pipes (pycocoevalcap's `__del__`
+    leaves the process's stdout open, which Python reports as an unclosed file)."""
+    if scorer is None:
+        return
+    proc = scorer.meteor_p
+    with scorer.lock:
+        proc.stdin.close()
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def caption_quality(
     captions: Sequence[str],
     references: Sequence[Sequence[str]],
@@ -109,7 +124,7 @@ def caption_quality(
     if scorer is not None:
         out["meteor"] = float(scorer.compute_score(gts, res)[0])
         if own:
-            del scorer
+            close_meteor(scorer)
     out.update(degeneration(captions))
     if at_cap is not None:
         out["at_cap"] = float(np.mean([bool(x) for x in at_cap]))
@@ -140,7 +155,7 @@ def split_quality(
         out["pooled"] = caption_quality(caps, refs, at_cap=flags, meteor=meteor)
     finally:
         if own:
-            del meteor
+            close_meteor(meteor)
     return out
 
 

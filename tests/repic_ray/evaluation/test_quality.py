@@ -6,6 +6,7 @@ from repic_ray.evaluation.quality import (
     QUALITY_KEYS,
     _meteor_scorer,
     caption_quality,
+    close_meteor,
     distinct_n,
     quality_drops,
     repeated_ngram_rate,
@@ -43,7 +44,8 @@ def meteor():
     """One METEOR Java process for the module (each start takes seconds)."""
     scorer = _meteor_scorer()
     assert scorer is not None, "METEOR needs Java (installed with the system packages)"
-    return scorer
+    yield scorer
+    close_meteor(scorer)
 
 
 def test_repeated_ngram_rate_by_hand():
@@ -103,3 +105,14 @@ def test_bad_input_is_named():
         caption_quality(["a"], [[]])
     with pytest.raises(ValueError, match="at_cap"):
         caption_quality(["a"], [["a"]], at_cap=[True, False])
+
+
+def test_close_meteor_stops_the_process_and_closes_its_pipes():
+    scorer = _meteor_scorer()
+    assert scorer is not None
+    proc = scorer.meteor_p
+    close_meteor(scorer)
+    assert proc.returncode is not None
+    assert proc.stdin.closed and proc.stdout.closed
+    del scorer  # pycocoevalcap's own __del__ still runs cleanly after it
+    close_meteor(None)  # no Java: nothing to close

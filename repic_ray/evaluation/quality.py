@@ -122,9 +122,11 @@ def caption_quality(
     own = meteor is None
     scorer = _meteor_scorer() if own else meteor
     if scorer is not None:
-        out["meteor"] = float(scorer.compute_score(gts, res)[0])
-        if own:
-            close_meteor(scorer)
+        try:
+            out["meteor"] = float(scorer.compute_score(gts, res)[0])
+        finally:
+            if own:
+                close_meteor(scorer)
     out.update(degeneration(captions))
     if at_cap is not None:
         out["at_cap"] = float(np.mean([bool(x) for x in at_cap]))

@@ -94,10 +94,12 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
 
 
 # Modules that start several vLLM engines, Ray clusters or DeepSpeed learners at once.
-# Under `pytest -n 2 --dist loadfile` two of them together exceed this machine's 24 GiB,
-# so each holds an exclusive file lock for its whole run: heavy modules run one at a
-# time (fixture waits are not counted by pytest-timeout: `timeout_func_only`). Only
-# modules that need it are listed: a worker on a listed module may wait for the other.
+# Two of them together exceed this machine's 24 GiB. Under `make test` (`-n 2 --dist
+# loadgroup`) they form one xdist group, run one after another by one worker while the
+# other worker runs the rest, module by module (`pytest_collection_modifyitems` below).
+# Under any other distribution (`--dist loadfile`, ...) each holds an exclusive file lock
+# for its whole run, so heavy modules still run one at a time (fixture waits are not
+# counted by pytest-timeout: `timeout_func_only`).
 HEAVY = ("tests/actors/test_scaling.py", "tests/actors/test_workers.py",
          "tests/recipes/test_train.py", "tests/recipes/test_cli.py",
          "tests/recipes/test_train_resume.py", "tests/recipes/test_chaos.py",
@@ -108,12 +110,24 @@ HEAVY = ("tests/actors/test_scaling.py", "tests/actors/test_workers.py",
 _ROOT = Path(__file__).resolve().parents[1]
 
 
+def _rel(item_or_request) -> str:
+    return Path(str(item_or_request.fspath)).resolve().relative_to(_ROOT).as_posix()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (`--dist loadgroup`)
+def pytest_collection_modifyitems(config, items):
+    """Each module is an xdist group of its own, except the heavy ones: they share one, so
+    that a worker never sits waiting for the other's heavy module to release the lock."""
+    for item in items:
+        rel = _rel(item)
+        item.add_marker(pytest.mark.xdist_group("heavy" if rel.startswith(HEAVY) else rel))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_heavy_module_at_a_time(request):
     import fcntl
 
-    rel = Path(str(request.fspath)).resolve().relative_to(_ROOT).as_posix()
-    if not rel.startswith(HEAVY):
+    if not _rel(request).startswith(HEAVY):
         yield
         return
     lock_path = _ROOT / ".cache" / "heavy-tests.lock"

@@ -42,7 +42,7 @@ system-deps:
 	for setup in .ci/setup-*.sh; do bash "$$setup" || exit 1; done
 
 test: install system-deps
-	$(PY) -m pytest -q -rs -n 2 --dist loadgroup --durations 25
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile --durations 25
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -94,12 +94,11 @@ def vllm_tiny_engine(tiny_qwen_dir: Path):
 
 
 # Modules that start several vLLM engines, Ray clusters or DeepSpeed learners at once.
-# Two of them together exceed this machine's 24 GiB. Under `make test` (`-n 2 --dist
-# loadgroup`) they form one xdist group, run one after another by one worker while the
-# other worker runs the rest, module by module (`pytest_collection_modifyitems` below).
-# Under any other distribution (`--dist loadfile`, ...) each holds an exclusive file lock
-# for its whole run, so heavy modules still run one at a time (fixture waits are not
-# counted by pytest-timeout: `timeout_func_only`).
+# Two of them together exceed this machine's 24 GiB, so each holds an exclusive file lock
+# for its whole run: heavy modules run one at a time (fixture waits are not counted by
+# pytest-timeout: `timeout_func_only`). Under `make test` (`-n 2 --dist loadfile`) they
+# are also one unit of work, run in turn by one worker, so that the other worker runs the
+# remaining modules instead of waiting on the lock (`pytest_xdist_make_scheduler` below).
 HEAVY = ("tests/actors/test_scaling.py", "tests/actors/test_workers.py",
          "tests/recipes/test_train.py", "tests/recipes/test_cli.py",
          "tests/recipes/test_train_resume.py", "tests/recipes/test_chaos.py",
@@ -110,24 +109,28 @@ HEAVY = ("tests/actors/test_scaling.py", "tests/actors/test_workers.py",
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rel(item_or_request) -> str:
-    return Path(str(item_or_request.fspath)).resolve().relative_to(_ROOT).as_posix()
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with every heavy module in one unit of work (the largest, so it is
+    handed out first); every other module is a unit of its own, as loadfile has it."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
 
+    class HeavyModulesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "heavy modules" if path.startswith(HEAVY) else path
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (`--dist loadgroup`)
-def pytest_collection_modifyitems(config, items):
-    """Each module is an xdist group of its own, except the heavy ones: they share one, so
-    that a worker never sits waiting for the other's heavy module to release the lock."""
-    for item in items:
-        rel = _rel(item)
-        item.add_marker(pytest.mark.xdist_group("heavy" if rel.startswith(HEAVY) else rel))
+    return HeavyModulesTogether(config, log)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_heavy_module_at_a_time(request):
     import fcntl
 
-    if not _rel(request).startswith(HEAVY):
+    rel = Path(str(request.fspath)).resolve().relative_to(_ROOT).as_posix()
+    if not rel.startswith(HEAVY):
         yield
         return
     lock_path = _ROOT / ".cache" / "heavy-tests.lock"

@@ -104,6 +104,10 @@ SETTINGS: dict[str, list[str]] = {
     "pps8-upb4": ["--algo.prompts_per_step", "8", "--algo.updates_per_batch", "4", "--sampling.greedy_member", "true"],
     # groups of 16 samples (16 prompts a step: the same samples a step as the recipe)
     "g16": ["--algo.group_size", "16", "--algo.prompts_per_step", "16", "--sampling.greedy_member", "true"],
+    # the recipe with 3x the learning rate (LoRA, 6e-3), and with hotter sampling (1.3)
+    "pps32-lr3x": ["--algo.prompts_per_step", "32", "--learner.lr", "6.0e-3", "--sampling.greedy_member", "true"],
+    "pps32-t1.3": ["--algo.prompts_per_step", "32", "--sampling.temperature", "1.3",
+                   "--sampling.greedy_member", "true"],
     # the recipe plus the description reward (true attribute phrases, names bound to their
     # own object's attributes), at two weights, and its binding half alone
     "desc0.5": ["--reward.description_weight", "0.5", "--sampling.greedy_member", "true"],

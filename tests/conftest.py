@@ -109,7 +109,7 @@ HEAVY = ("tests/actors/test_scaling.py", "tests/actors/test_workers.py",
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # a hook of pytest-xdist, when it is there
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` with every heavy module in one unit of work (the largest, so it is
     handed out first); every other module is a unit of its own, as loadfile has it."""

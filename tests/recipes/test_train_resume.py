@@ -81,13 +81,22 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 1200) -> None:
         time.sleep(0.02)
     started = psutil.Process(proc.pid).children(recursive=True)
     assert "VLLM::EngineCore" in {_name(p) for p in started}, {_name(p) for p in started}
+    alive = kill_run(proc, started)
+    assert not alive, f"processes outlived the killed run: {alive}"
+
+
+def kill_run(proc: subprocess.Popen, started: list[psutil.Process] | None = None) -> list:
+    """SIGKILL the run's process group, wait for `started` (default: the run's processes
+    now) to end, kill any that outlive it and return those as (process, name)."""
+    if started is None:
+        started = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     _, alive = psutil.wait_procs(started, timeout=60)
     alive = [(p, _name(p)) for p in alive if _live(p)]
     for p, _ in alive:
         p.kill()
-    assert not alive, f"processes outlived the killed run: {alive}"
+    return alive
 
 
 @pytest.mark.slow
@@ -95,17 +104,21 @@ def test_killed_train_resumes_to_the_same_metrics(tmp_path, train):
     # The uninterrupted run, alongside in its own process and Ray cluster, as two users'
     # runs on one machine are.
     whole = train(tmp_path / "whole")
-    out = tmp_path / "run"
-    ckpts = out / "checkpoints"
-    # 1. Killed mid-save: step 1 sealed, a later checkpoint's temporary folder exists.
-    proc = train(out)
-    kill_when(proc, lambda: (ckpts / "step_000001" / "manifest.json").exists()
-              and any(ckpts.glob("step_*.tmp")))
-    # 2. Resumed in a new process (the leftover is removed), to the end.
-    resumed = train(out, "--resume")
-    assert resumed.wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-3000:]
-    assert not list(ckpts.glob("*.tmp"))
-    resumed_metrics = metrics(out)
-    assert {"reward/total_mean", "train/loss", "train/kl", "train/grad_norm"} <= resumed_metrics[-1].keys()
-    assert whole.wait(timeout=1500) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    try:
+        out = tmp_path / "run"
+        ckpts = out / "checkpoints"
+        # 1. Killed mid-save: step 1 sealed, a later checkpoint's temporary folder exists.
+        proc = train(out)
+        kill_when(proc, lambda: (ckpts / "step_000001" / "manifest.json").exists()
+                  and any(ckpts.glob("step_*.tmp")))
+        # 2. Resumed in a new process (the leftover is removed), to the end.
+        resumed = train(out, "--resume")
+        assert resumed.wait(timeout=1500) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        assert not list(ckpts.glob("*.tmp"))
+        resumed_metrics = metrics(out)
+        assert {"reward/total_mean", "train/loss", "train/kl", "train/grad_norm"} <= resumed_metrics[-1].keys()
+        assert whole.wait(timeout=1500) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    finally:
+        if whole.poll() is None:  # a failure above must not leave the reference run going
+            kill_run(whole)
     assert_same(resumed_metrics, metrics(tmp_path / "whole"))
